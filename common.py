@@ -1,0 +1,691 @@
+"""What every script of the pipeline shares, written once.
+
+No algorithm lives here (each loss stays in its own script). This module holds what
+must be *identical* across scripts, because copies that drift are how RLHF code breaks:
+
+* presets and command-line parsing (`CommonArgs`, `parse_args`, `run`);
+* the data rules: `filter_edge_cases`, `split_conversation`, `join_conversation`,
+  `load_preference_data`, `load_processed_data`;
+* tokenizer and model loading/saving (`load_tokenizer`, `save_pretrained_atomic`);
+* the forward pass under left padding (`forward`, `position_ids_from_mask`), masked
+  log-probs, entropy, `masked_mean`/`masked_whiten`;
+* sampling with EOS masking (`generate_responses`) and reward scoring (`get_reward`),
+  so PPO, GRPO and evaluation score exactly as the reward model was trained;
+* seeding, device/precision, checkpoints, the metrics log and its plot.
+"""
+
+import argparse
+import gzip
+import json
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+
+REPO_DIR = Path(__file__).resolve().parent
+ASSETS_DIR = REPO_DIR / "assets"
+TINY_MODEL_DIR = ASSETS_DIR / "tiny_gpt2"
+TINY_DATA_DIR = ASSETS_DIR / "tiny_hh"
+
+# Each preset names its base model and data set; per-script sizes live beside each
+# script's Args (its `TINY` dict), so every knob stays visible where it is used.
+PRESETS = {
+    "gpt2": {"model": "gpt2", "dataset": "Anthropic/hh-rlhf"},
+    "tiny": {"model": str(TINY_MODEL_DIR), "dataset": str(TINY_DATA_DIR)},
+}
+
+# The seed's character limit: 1024 tokens x ~6 characters per token.
+CHAR_LIMIT = 1024 * 6
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+FILTER_RULES = ("tie", "short", "length_ratio", "char_limit", "unsplittable", "prompts_differ", "empty_reply")
+
+# Output folders, as every script and the evaluation name them.
+PROCESSED_DIR = "processed_data"
+REWARD_MODEL_DIR = "final_reward_model"
+PPO_DIR = "ppo_rlhf_model"
+GRPO_BEST_DIR = "grpo_best"
+GRPO_FINAL_DIR = "grpo_rlhf_model"
+DPO_DIR = "dpo_rlhf_model"
+
+
+class UserError(Exception):
+    """A mistake in the user's input or set-up: shown as one line, no traceback."""
+
+
+# ---------------------------------------------------------------------------
+# Settings and command line
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class CommonArgs:
+    """Flags every script takes. Each script's `Args` extends this dataclass."""
+
+    preset: str = field(
+        default="gpt2",
+        metadata={"help": "gpt2: real model and data (hub); tiny: offline, CPU-sized", "choices": list(PRESETS)},
+    )
+    work_dir: str = field(default=".", metadata={"help": "folder holding every stage's inputs and outputs"})
+    seed: int = field(default=42, metadata={"help": "seed for python, numpy, torch and data shuffles"})
+    model: str = field(default="gpt2", metadata={"help": "base model: hub id or local path (tiny: bundled)"})
+
+
+class _Parser(HfArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_args(args_cls, tiny=None, argv=None):
+    """Parse `argv` into `args_cls`; with `--preset tiny`, `tiny` overrides the defaults.
+
+    Flags given on the command line always win over a preset. Unknown flags and bad
+    values exit with status 2 and a one-line message naming them.
+    """
+    parser = _Parser(args_cls)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--preset", default="gpt2")
+    preset = peek.parse_known_args(argv)[0].preset
+    if preset not in PRESETS:
+        parser.error(f"argument --preset: invalid choice {preset!r} (choose from {', '.join(PRESETS)})")
+    fields = set(args_cls.__dataclass_fields__)
+    defaults = {k: v for k, v in PRESETS[preset].items() if k in fields}
+    if preset == "tiny":
+        defaults.update(tiny or {})
+    parser.set_defaults(**defaults)
+    (args, rest) = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
+def run(main, args_cls, tiny=None):
+    """The `__main__` entry of every script: parse, run, and turn user errors into one line."""
+    args = parse_args(args_cls, tiny)
+    try:
+        main(args)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: rerun the same command with --resume to continue from the last checkpoint")
+
+
+def check(condition, message):
+    """Fail at start-up with a one-line message when a derived setting is wrong."""
+    if not condition:
+        raise UserError(message)
+
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def use_bf16():
+    """bf16 autocast where the GPU supports it; plain fp32 on CPU."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def make_accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision="bf16" if use_bf16() else "no")
+
+
+def unwrap(model):
+    """The bare model under a DistributedDataParallel (or similar) wrapper."""
+    return getattr(model, "module", model)
+
+
+def save_args(args, path):
+    atomic_write_json(path, vars(args) if not hasattr(args, "__dataclass_fields__") else args.__dict__)
+
+
+# ---------------------------------------------------------------------------
+# Data rules
+# ---------------------------------------------------------------------------
+
+
+def split_conversation(text):
+    """Split an hh-rlhf conversation into (prompt, final reply).
+
+    Rule: find the last "\\n\\nHuman:" and the last "\\n\\nAssistant:". If there is no
+    Human turn, or no Assistant turn after the last Human turn, return None. Otherwise
+    the prompt is everything up to and including that last "\\n\\nAssistant:", and the
+    response is the rest with its leading white space stripped (the data has one space
+    after "Assistant:"). `join_conversation` is the inverse.
+    """
+    human = text.rfind(HUMAN)
+    assistant = text.rfind(ASSISTANT)
+    if human < 0 or assistant < human:
+        return None
+    cut = assistant + len(ASSISTANT)
+    return text[:cut], text[cut:].lstrip()
+
+
+def join_conversation(prompt, response):
+    """The one way every script builds a full text from a prompt and a reply."""
+    return prompt + " " + response
+
+
+def drop_reason(example, scope="full", char_limit=CHAR_LIMIT):
+    """The first rule (in FILTER_RULES order) that drops this pair, or None to keep it.
+
+    scope "full" applies the length rules to the whole chosen/rejected strings, as the
+    seed did; scope "response" applies them to the final replies only.
+    """
+    chosen, rejected = example["chosen"], example["rejected"]
+    if chosen == rejected:
+        return "tie"
+    split_c, split_r = split_conversation(chosen), split_conversation(rejected)
+    if scope == "response":
+        if split_c is None or split_r is None:
+            return "unsplittable"
+        chosen, rejected = split_c[1], split_r[1]
+    if len(chosen) < 10 or len(rejected) < 10:
+        return "short"
+    if not 0.5 <= len(chosen) / len(rejected) <= 2.0:
+        return "length_ratio"
+    if len(chosen) >= char_limit or len(rejected) >= char_limit:
+        return "char_limit"
+    if split_c is None or split_r is None:
+        return "unsplittable"
+    if split_c[0] != split_r[0]:
+        return "prompts_differ"
+    if not split_c[1] or not split_r[1]:
+        return "empty_reply"
+    return None
+
+
+def filter_edge_cases(example, scope="full", char_limit=CHAR_LIMIT):
+    """True when the pair survives every rule of `drop_reason` (for `Dataset.filter`)."""
+    return drop_reason(example, scope, char_limit) is None
+
+
+def _read_jsonl(path):
+    opener = gzip.open if path.name.endswith(".gz") else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not (
+                isinstance(row, dict) and isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str)
+            ):
+                raise UserError(f"{path}:{lineno}: expected an object with string fields 'chosen' and 'rejected'")
+            rows.append({"chosen": row["chosen"], "rejected": row["rejected"]})
+    return rows
+
+
+def _split_file(folder, split):
+    for name in (f"{split}.jsonl.gz", f"{split}.jsonl"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def load_preference_data(source):
+    """hh-rlhf-style pairs as a DatasetDict with a `train` and (where present) a `test` split.
+
+    `source` is a hub id (`Anthropic/hh-rlhf`), a `.jsonl`/`.jsonl.gz` file (one
+    `train` split), a folder with `train.jsonl(.gz)` and `test.jsonl(.gz)`, or a folder
+    of such subset folders (the official repository's layout), concatenated in name order.
+    """
+    from datasets import Dataset, DatasetDict, load_dataset
+
+    path = Path(source)
+    if path.is_file():
+        return DatasetDict(train=Dataset.from_list(_read_jsonl(path)))
+    if path.is_dir():
+        folders = [path] if _split_file(path, "train") else sorted(p for p in path.iterdir() if _split_file(p, "train"))
+        if not folders:
+            raise UserError(f"--dataset {source}: no train.jsonl(.gz) in it or in any folder inside it")
+        splits = {}
+        for split in ("train", "test"):
+            files = [f for f in (_split_file(p, split) for p in folders) if f]
+            if files:
+                splits[split] = Dataset.from_list([row for f in files for row in _read_jsonl(f)])
+        return DatasetDict(splits)
+    if source.endswith((".jsonl", ".gz", ".json")) or source.startswith((".", "/", "~")):
+        raise UserError(f"--dataset {source}: no such file or folder")
+    try:
+        return load_dataset(source)
+    except Exception as e:  # offline, wrong id, ...: say what to do instead
+        raise UserError(
+            f"--dataset {source}: could not load it from the Hugging Face Hub ({type(e).__name__}); "
+            "offline, pass a local folder with train.jsonl.gz and test.jsonl.gz"
+        ) from None
+
+
+def resolve_model_name(name):
+    """What `from_pretrained` takes: an absolute path for a local folder, else the hub id."""
+    return str(Path(name).resolve()) if Path(name).exists() else name
+
+
+def load_processed_data(args):
+    """`processed_data/` written by data_process.py, checked against this run's base model."""
+    from datasets import load_from_disk
+
+    folder = Path(args.work_dir) / PROCESSED_DIR
+    rebuild = f"python data_process.py --preset {args.preset} --work_dir {args.work_dir}"
+    if not (folder / "stats.json").is_file():
+        raise UserError(f"{folder} not found: build it first with `{rebuild}`")
+    built_with = json.loads((folder / "stats.json").read_text())["base_model"]
+    if built_with != resolve_model_name(args.model):
+        raise UserError(
+            f"{folder} was tokenized for base model {built_with!r}, not {resolve_model_name(args.model)!r}: "
+            f"rebuild it with `{rebuild} --model {args.model}`"
+        )
+    return load_from_disk(str(folder))
+
+
+# ---------------------------------------------------------------------------
+# Tokenizer, models, files
+# ---------------------------------------------------------------------------
+
+
+def load_tokenizer(name_or_path):
+    """GPT-2 tokenizer as every script uses it: EOS as pad, left padding, left truncation.
+
+    Left truncation keeps a long conversation's final turn (its start is lost instead);
+    `save_pretrained` records both sides, so whoever loads a saved model gets them too.
+    """
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as e:
+        raise UserError(f"--model {name_or_path}: cannot load a tokenizer from it ({str(e).splitlines()[0]})") from None
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"
+    return tokenizer
+
+
+def load_causal_lm(name_or_path, tokenizer):
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path)
+    except OSError as e:
+        raise UserError(f"cannot load a causal LM from {name_or_path} ({str(e).splitlines()[0]})") from None
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def load_reward_model(work_dir, device):
+    """The frozen reward model from `final_reward_model/`, in eval mode, and its tokenizer."""
+    from transformers import AutoModelForSequenceClassification
+
+    folder = Path(work_dir) / REWARD_MODEL_DIR
+    if not (folder / "config.json").is_file():
+        raise UserError(
+            f"{folder} not found: train it first with `python reward_model_training.py --work_dir {work_dir}`"
+        )
+    model = AutoModelForSequenceClassification.from_pretrained(folder).to(device).eval()
+    model.requires_grad_(False)
+    return model, load_tokenizer(folder)
+
+
+def atomic_write_json(path, obj):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def replace_folder(tmp, final):
+    """Move a finished `tmp` folder to `final`; an earlier `final` is kept as `final.prev`."""
+    final = Path(final)
+    prev = final.with_name(final.name + ".prev")
+    if final.exists():
+        if prev.exists():
+            shutil.rmtree(prev)
+        final.rename(prev)
+        print(f"kept the previous {final.name} as {prev}")
+    Path(tmp).rename(final)
+
+
+def save_pretrained_atomic(folder, model, tokenizer, extra=None):
+    """save_pretrained (safetensors) into a temporary folder, then rename it into place.
+
+    `extra` maps file names to callables that write them into the temporary folder
+    (settings, metrics, a value head), so the final folder appears complete or not at all.
+    """
+    folder = Path(folder)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    unwrap(model).save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    for name, write in (extra or {}).items():
+        write(tmp / name)
+    replace_folder(tmp, folder)
+
+
+# ---------------------------------------------------------------------------
+# Forward passes under left padding, log-probs and masked statistics
+# ---------------------------------------------------------------------------
+
+
+def position_ids_from_mask(attention_mask):
+    """GPT-2's positions are absolute: under left padding they must start at each row's first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def forward(model, input_ids, attention_mask, **kwargs):
+    """A forward pass with position ids taken from the attention mask (any padding side)."""
+    return model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        **kwargs,
+    )
+
+
+def gather_logprobs(logits, labels):
+    """log p(label) under `logits`: (B, T, V), (B, T) -> (B, T), computed in fp32."""
+    logits = logits.float()
+    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits):
+    """Entropy of the categorical distribution at every position: (B, T, V) -> (B, T)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def response_logits(model, input_ids, attention_mask, context_length, temperature=1.0, **kwargs):
+    """Logits that predict each token after the first `context_length`: (B, T - context_length, V).
+
+    Position t of the result is the distribution the model used for token
+    `context_length + t`, divided by the sampling temperature. Returns (logits, output).
+    """
+    output = forward(model, input_ids, attention_mask, **kwargs)
+    return output.logits[:, context_length - 1 : -1] / temperature, output
+
+
+def last_token_index(attention_mask):
+    """Index of each row's last real token, for left or right padding: (B, T) -> (B,)."""
+    return attention_mask.shape[1] - 1 - attention_mask.long().flip(-1).argmax(-1)
+
+
+def masked_mean(values, mask, dim=None):
+    mask = mask.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(values, mask):
+    """Unbiased variance of the masked entries."""
+    mean = masked_mean(values, mask)
+    n = mask.sum()
+    return masked_mean((values - mean) ** 2, mask) * n / (n - 1).clamp(min=1)
+
+
+def masked_whiten(values, mask, shift_mean=True):
+    """Normalise the masked entries to mean 0 (unless shift_mean=False) and variance 1."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+# ---------------------------------------------------------------------------
+# Sampling and scoring
+# ---------------------------------------------------------------------------
+
+
+def response_mask_from_eos(response_ids, eos_token_id):
+    """1 for every response token up to and including the first EOS, 0 after it: (B, R).
+
+    The pad token is the EOS token, so this is the only reliable way to find where a
+    response ends: comparing ids with the pad id would also drop a real final EOS.
+    """
+    is_eos = (response_ids == eos_token_id).long()
+    after_first_eos = (is_eos.cumsum(-1) - is_eos) > 0
+    return (~after_first_eos).long()
+
+
+@dataclass
+class Samples:
+    """A batch of sampled responses; row i answers prompts[i // num_return_sequences]."""
+
+    query_ids: torch.Tensor  # (B, P) left padded
+    query_mask: torch.Tensor  # (B, P)
+    response_ids: torch.Tensor  # (B, R) right padded after the first EOS
+    response_mask: torch.Tensor  # (B, R) 1 up to and including the first EOS
+    prompts: list
+    responses: list  # decoded reply text, as `join_conversation` expects it
+
+    @property
+    def input_ids(self):  # (B, P + R)
+        return torch.cat([self.query_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self):  # (B, P + R)
+        return torch.cat([self.query_mask, self.response_mask], dim=1)
+
+
+@torch.no_grad()
+def generate_responses(
+    model,
+    tokenizer,
+    prompts,
+    max_prompt_length,
+    max_new_tokens,
+    temperature=1.0,
+    top_p=1.0,
+    num_return_sequences=1,
+    do_sample=True,
+):
+    """Sample replies to `prompts` in one batched, KV-cached `generate` call.
+
+    Prompts are left padded and truncated from the left (they keep their final
+    "Assistant:"); `top_k=0` so Hugging Face's default top-k of 50 does not silently
+    truncate the distribution the log-probs are computed under. Each prompt is encoded
+    once and expanded to `num_return_sequences` samples inside `generate`.
+    """
+    device = next(unwrap(model).parameters()).device
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_length)
+    enc = {k: v.to(device) for k, v in enc.items()}
+    sampling = (
+        dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
+    )
+    sequences = unwrap(model).generate(
+        **enc,
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=num_return_sequences,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **sampling,
+    )
+    context_length = enc["input_ids"].shape[1]
+    response_ids = sequences[:, context_length:]  # (B, R)
+    response_mask = response_mask_from_eos(response_ids, tokenizer.eos_token_id)
+    # After its first EOS a finished row holds only pad (= EOS) tokens, which decoding skips.
+    texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+    return Samples(
+        query_ids=enc["input_ids"].repeat_interleave(num_return_sequences, 0),
+        query_mask=enc["attention_mask"].repeat_interleave(num_return_sequences, 0),
+        response_ids=response_ids,
+        response_mask=response_mask,
+        prompts=[p for p in prompts for _ in range(num_return_sequences)],
+        responses=[t.strip() for t in texts],
+    )
+
+
+def reward_scores(reward_model, input_ids, attention_mask):
+    """The reward model's score at each row's last real token: (B, T) -> (B,).
+
+    Hugging Face's sequence classifier pools at the rightmost token that is not the pad
+    id; with GPT-2 the pad id is EOS, so a text that ends in EOS, or a right-padded
+    batch, would be read at the wrong place. We read the per-token scores of the head
+    (`score`) and pick the last real token from the attention mask instead. Works for
+    a DDP-wrapped model too (the forward still goes through the wrapper).
+    """
+    captured = []
+    handle = unwrap(reward_model).score.register_forward_hook(lambda module, inputs, out: captured.append(out))
+    try:
+        forward(reward_model, input_ids, attention_mask)
+    finally:
+        handle.remove()
+    per_token = captured[0].squeeze(-1)  # (B, T)
+    return per_token[
+        torch.arange(per_token.shape[0], device=per_token.device), last_token_index(attention_mask)
+    ].float()
+
+
+@torch.no_grad()
+def get_reward(reward_model, tokenizer, prompts, responses, max_length, batch_size=32):
+    """Score `join_conversation(prompt, response)` texts exactly as the reward model was trained: (N,)."""
+    device = next(reward_model.parameters()).device
+    texts = [join_conversation(p, r) for p, r in zip(prompts, responses)]
+    scores = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length
+        )
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16() and device.type == "cuda"):
+            scores.append(reward_scores(reward_model, enc["input_ids"].to(device), enc["attention_mask"].to(device)))
+    return torch.cat(scores)
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019), eq. 2: move the KL coefficient beta toward a target KL.
+
+    e_t = clip(KL_t / target - 1, -0.2, 0.2);  beta <- beta * (1 + K_beta * e_t),
+    with K_beta = n_steps / horizon, n_steps the samples in this update. KL is the
+    per-sequence sum over response tokens, the unit `target` is given in.
+    """
+
+    def __init__(self, init_kl_coef, target, horizon):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl, n_steps):
+        proportional_error = float(np.clip(current_kl / self.target - 1, -0.2, 0.2))
+        self.value *= 1 + proportional_error * n_steps / self.horizon
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints, metrics and plots
+# ---------------------------------------------------------------------------
+
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, state):
+    """torch.save to a temporary name, then rename: an interrupted save never corrupts the last one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save({**state, "rng": rng_state()}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    set_rng_state(state.pop("rng"))
+    return state
+
+
+def peak_memory_mb():
+    """Peak memory so far: CUDA allocator peak on GPU, the process's peak RSS on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class MetricsLogger:
+    """Appends one JSON object per logged step to `metrics.jsonl`, with the cost so far.
+
+    Each record carries `time/elapsed_s`, `tokens/processed` (tokens through forward
+    passes, generation included) and `mem/peak_mb`. On resume the file is cut back to
+    the checkpoint's step and the counters continue from its last record.
+    """
+
+    def __init__(self, path, resume_step=None, enabled=True):
+        self.path, self.enabled = Path(path), enabled
+        self.tokens, self.elapsed_before = 0, 0.0
+        self.start = time.time()
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        records = []
+        if resume_step is not None and self.path.exists():
+            records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            records = [r for r in records if r["step"] <= resume_step]
+            if records:
+                self.tokens = records[-1]["tokens/processed"]
+                self.elapsed_before = records[-1]["time/elapsed_s"]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def add_tokens(self, n):
+        self.tokens += int(n)
+
+    def log(self, step, metrics):
+        record = {
+            "step": step,
+            **{k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()},
+            "time/elapsed_s": round(self.elapsed_before + time.time() - self.start, 3),
+            "tokens/processed": self.tokens,
+            "mem/peak_mb": round(peak_memory_mb(), 1),
+        }
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        return record
+
+
+def read_metrics(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(metrics_path, keys, png_path, title=""):
+    """One small panel per metric key, x = step; keys missing from the log are skipped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    keys = [k for k in keys if any(k in r for r in records)]
+    cols = min(3, max(1, len(keys)))
+    rows = max(1, -(-len(keys) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        points = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
+        ax.plot(*zip(*points), marker="." if len(points) < 30 else None)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)

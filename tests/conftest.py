@@ -1,0 +1,45 @@
+"""Shared fixtures: one tiny processed data set (and reward model) per test session.
+
+Tests call the scripts the way a user does (`main(parse_args(Args, TINY, argv))` or a
+subprocess), into temporary work folders; nothing touches the network.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+SAMPLE = REPO.parent / "shared" / "hh-rlhf-sample" / "harmless-base-test-first500.jsonl.gz"
+
+
+def run_script(script, *argv, check=True, timeout=900):
+    """Run a pipeline script in a subprocess, as a user would; returns the CompletedProcess."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / script), *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory):
+    """A work dir holding `processed_data/` built by `data_process.py --preset tiny`."""
+    work = tmp_path_factory.mktemp("tiny_work")
+    run_script("data_process.py", "--preset", "tiny", "--work_dir", work)
+    return work
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_dir(tiny_data_dir):
+    """The same work dir after `reward_model_training.py --preset tiny` (trained once per session)."""
+    if not (tiny_data_dir / "final_reward_model" / "config.json").exists():
+        run_script("reward_model_training.py", "--preset", "tiny", "--work_dir", tiny_data_dir)
+    return tiny_data_dir

@@ -1,0 +1,237 @@
+"""The shared data rules, the loader, argument parsing and the masked maths of common.py."""
+
+import gzip
+import json
+
+import pytest
+import torch
+from conftest import SAMPLE
+
+import common
+from common import (
+    CommonArgs,
+    UserError,
+    drop_reason,
+    filter_edge_cases,
+    gather_logprobs,
+    join_conversation,
+    last_token_index,
+    load_preference_data,
+    masked_mean,
+    masked_whiten,
+    parse_args,
+    position_ids_from_mask,
+    response_mask_from_eos,
+    split_conversation,
+)
+
+CONV = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: How do I boil an egg?\n\nAssistant: Put it in boiling water."
+
+
+# --- split_conversation / join_conversation -------------------------------------------------
+
+
+def test_split_takes_the_last_assistant_turn_after_the_last_human_turn():
+    prompt, response = split_conversation(CONV)
+    assert prompt == "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: How do I boil an egg?\n\nAssistant:"
+    assert response == "Put it in boiling water."
+    assert join_conversation(prompt, response) == CONV
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "no turns at all",
+        "\n\nAssistant: only the assistant speaks",
+        "\n\nHuman: a\n\nAssistant: b\n\nHuman: the human speaks last",
+    ],
+)
+def test_split_returns_none_without_a_final_assistant_turn(text):
+    assert split_conversation(text) is None
+
+
+def test_split_strips_leading_whitespace_and_keeps_an_empty_reply():
+    assert split_conversation("\n\nHuman: q\n\nAssistant:   \n answer ") == ("\n\nHuman: q\n\nAssistant:", "answer ")
+    assert split_conversation("\n\nHuman: q\n\nAssistant:") == ("\n\nHuman: q\n\nAssistant:", "")
+
+
+# --- filter rules, in order -----------------------------------------------------------------
+
+
+def pair(chosen_reply, rejected_reply, prompt="\n\nHuman: How do I boil an egg?\n\nAssistant:"):
+    return {"chosen": join_conversation(prompt, chosen_reply), "rejected": join_conversation(prompt, rejected_reply)}
+
+
+@pytest.mark.parametrize(
+    "example, rule",
+    [
+        (pair("Boil it for nine minutes.", "Boil it for nine minutes."), "tie"),
+        ({"chosen": "\n\nHuman: hi\n\nAssistant: hello there", "rejected": "\n\nHuman:"}, "short"),
+        (pair("Boil it. " * 30, "No."), "length_ratio"),
+        (pair("a" * 7000, "b" * 7000), "char_limit"),
+        ({"chosen": "\n\nHuman: one two three", "rejected": "\n\nHuman: one two four"}, "unsplittable"),
+        (
+            {
+                "chosen": "\n\nHuman: boil?\n\nAssistant: Yes, boil it.",
+                "rejected": "\n\nHuman: fry?\n\nAssistant: Yes, fry it.",
+            },
+            "prompts_differ",
+        ),
+        (pair("", "Put the egg in water and boil it."), "empty_reply"),
+        (pair("Put it in boiling water for nine minutes.", "Eggs are eggs, whatever."), None),
+    ],
+)
+def test_drop_reason(example, rule):
+    assert drop_reason(example) == rule
+    assert filter_edge_cases(example) == (rule is None)
+
+
+def test_a_pair_breaking_several_rules_is_counted_under_the_first():
+    # short (rejected < 10 chars) and also unsplittable: "short" comes first
+    assert drop_reason({"chosen": "\n\nHuman: a long enough question", "rejected": "x"}) == "short"
+
+
+def test_char_limit_is_reached_not_exceeded_and_overridable():
+    ex = pair("a" * 100, "b" * 100)
+    n = len(ex["chosen"])
+    assert drop_reason(ex, char_limit=n) == "char_limit"
+    assert drop_reason(ex, char_limit=n + 1) is None
+
+
+def test_response_scope_applies_length_rules_to_the_replies():
+    long_prompt = "\n\nHuman: " + "context " * 50 + "\n\nAssistant:"
+    ex = pair("Boil it for nine minutes, then cool it in cold water.", "No idea.", prompt=long_prompt)
+    assert drop_reason(ex, scope="full") is None  # the shared prompt hides the length difference
+    assert drop_reason(ex, scope="response") == "short"
+
+
+@pytest.mark.skipif(not SAMPLE.exists(), reason="../shared/hh-rlhf-sample is absent (a fresh clone)")
+def test_rules_on_the_real_sample():
+    rows = [json.loads(line) for line in gzip.open(SAMPLE, "rt")]
+    reasons = [drop_reason(r) for r in rows]
+    kept = [r for r, why in zip(rows, reasons) if why is None]
+    assert 0.8 < len(kept) / len(rows) < 0.97  # the seed kept ~89% of the train pairs
+    for row in kept:
+        prompt, chosen = split_conversation(row["chosen"])
+        assert join_conversation(prompt, chosen) == row["chosen"].rstrip() or row["chosen"].startswith(prompt)
+        assert prompt.endswith("\n\nAssistant:") and chosen
+        assert split_conversation(row["rejected"])[0] == prompt
+
+
+# --- the loader -----------------------------------------------------------------------------
+
+
+def write_jsonl(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def test_loader_reads_file_folder_and_folder_of_subsets(tmp_path):
+    row = json.dumps({"chosen": "a" * 20, "rejected": "b" * 20})
+    write_jsonl(tmp_path / "one.jsonl", [row, row])
+    assert len(load_preference_data(str(tmp_path / "one.jsonl"))["train"]) == 2
+    for subset in ("harmless-base", "helpful-base"):
+        (tmp_path / "hh" / subset).mkdir(parents=True)
+        with gzip.open(tmp_path / "hh" / subset / "train.jsonl.gz", "wt") as f:
+            f.write(row + "\n" + row + "\n")
+        write_jsonl(tmp_path / "hh" / subset / "test.jsonl", [row])
+    data = load_preference_data(str(tmp_path / "hh"))
+    assert (len(data["train"]), len(data["test"])) == (4, 2)
+    assert len(load_preference_data(str(tmp_path / "hh" / "helpful-base"))["test"]) == 1
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ('{"chosen": "abc", "rejected": ', "bad.jsonl:2: not valid JSON"),
+        ('{"chosen": "abc"}', "bad.jsonl:2: expected an object with string fields 'chosen' and 'rejected'"),
+        ('{"chosen": "abc", "rejected": 3}', "bad.jsonl:2: expected an object"),
+    ],
+)
+def test_loader_names_file_and_line_of_a_broken_row(tmp_path, line, expected):
+    path = write_jsonl(tmp_path / "bad.jsonl", [json.dumps({"chosen": "x", "rejected": "y"}), line])
+    with pytest.raises(UserError, match=expected.replace("(", r"\(")):
+        load_preference_data(str(path))
+
+
+def test_loader_errors_on_missing_paths(tmp_path):
+    with pytest.raises(UserError, match="no such file or folder"):
+        load_preference_data(str(tmp_path / "missing.jsonl.gz"))
+    with pytest.raises(UserError, match="no train.jsonl"):
+        load_preference_data(str(tmp_path))
+
+
+# --- argument parsing and presets -----------------------------------------------------------
+
+
+def test_tiny_preset_overrides_defaults_but_flags_win():
+    args = parse_args(CommonArgs, {"seed": 7}, ["--preset", "tiny"])
+    assert args.model == str(common.TINY_MODEL_DIR) and args.seed == 7
+    args = parse_args(CommonArgs, {"seed": 7}, ["--preset", "tiny", "--seed", "3"])
+    assert args.seed == 3
+    assert parse_args(CommonArgs, {"seed": 7}, []).model == "gpt2"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag 1"),
+        (["--preset", "huge"], "invalid choice 'huge'"),
+        (["--seed", "abc"], "argument --seed: invalid int value: 'abc'"),
+    ],
+)
+def test_bad_flags_exit_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(CommonArgs, {}, argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+# --- masks, positions and masked maths ------------------------------------------------------
+
+
+def test_response_mask_keeps_the_first_eos_and_drops_what_follows():
+    eos = 0
+    ids = torch.tensor([[5, 6, eos, eos, eos], [5, eos, 7, eos, 8], [5, 6, 7, 8, 9], [eos, eos, 1, 1, 1]])
+    expected = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    assert torch.equal(response_mask_from_eos(ids, eos), expected)
+
+
+def test_positions_and_last_token_under_both_paddings():
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    assert position_ids_from_mask(left).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    assert position_ids_from_mask(right).tolist() == [[0, 1, 2, 2, 2], [0, 0, 0, 0, 0]]
+    assert last_token_index(left).tolist() == [4, 4]
+    assert last_token_index(right).tolist() == [2, 0]
+
+
+def test_gather_logprobs_matches_a_per_token_loop():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 4, 11), torch.randint(0, 11, (2, 4))
+    got = gather_logprobs(logits, labels)
+    for b in range(2):
+        for t in range(4):
+            expected = torch.log(torch.softmax(logits[b, t].double(), -1)[labels[b, t]])
+            assert abs(got[b, t].item() - expected.item()) < 1e-5
+
+
+def test_masked_mean_and_whiten_ignore_masked_entries():
+    values = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -50.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 1]])
+    kept = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 7.0])
+    assert masked_mean(values, mask).item() == pytest.approx(kept.mean().item())
+    whitened = masked_whiten(values, mask)
+    assert whitened[mask.bool()].mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert whitened[mask.bool()].var().item() == pytest.approx(1.0, abs=1e-4)
+    expected = (kept - kept.mean()) / kept.std()
+    assert torch.allclose(whitened[mask.bool()], expected, atol=1e-4)
+
+
+def test_adaptive_kl_controller_moves_beta_toward_the_target():
+    ctl = common.AdaptiveKLController(0.05, target=0.3, horizon=100)
+    ctl.update(current_kl=0.6, n_steps=10)  # error clipped to +0.2
+    assert ctl.value == pytest.approx(0.05 * (1 + 0.2 * 10 / 100))
+    ctl.update(current_kl=0.0, n_steps=10)  # clipped to -0.2
+    assert ctl.value == pytest.approx(0.05 * 1.02 * 0.98)
