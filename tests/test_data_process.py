@@ -99,8 +99,10 @@ def test_help_lists_every_field_with_its_default():
     proc = run_script("data_process.py", "--help")
     from data_process import Args
 
+    help_text = " ".join(proc.stdout.split())  # argparse wraps lines
     for name, f in Args.__dataclass_fields__.items():
-        assert f"--{name}" in proc.stdout, name
+        assert f"--{name}" in help_text, name
+        assert f"(default: {f.default})" in help_text, name
     assert "50000" in proc.stdout and "Anthropic/hh-rlhf" in proc.stdout
 
 
