@@ -1,0 +1,548 @@
+"""Step 5 of the pipeline: Direct Preference Optimization (Rafailov et al. 2023) against a frozen reference.
+
+Reads the preference pairs of `processed_data/` (the text columns `prompt`,
+`chosen_response`, `rejected_response`) and trains the base model directly on them, with
+no reward model and no sampling: for every pair it compares how much more likely the
+policy makes the chosen reply than the frozen reference model does, against the same
+for the rejected reply (eq. 7),
+
+    loss = -log sigmoid(beta * ((log pi(y_c|x) - log ref(y_c|x)) - (log pi(y_r|x) - log ref(y_r|x)))),
+
+each log-prob summed over the reply's tokens only (prompt and padding masked). Writes
+the policy and its tokenizer to `dpo_rlhf_model/` (with `metrics.jsonl`, the curves PNG
+and `args.json`); while training, state lives in `runs/dpo/` (`--resume` continues).
+
+    python DPO_training.py                                        # gpt2, seed settings (GPU)
+    accelerate launch --num_processes 4 DPO_training.py           # data-parallel on 4 GPUs, batch x 4
+    python DPO_training.py --preset tiny --work_dir runs/tiny     # offline, CPU, well under a minute
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 DPO_training.py --preset tiny --work_dir runs/tiny
+
+(On CPU, `accelerate launch --cpu --num_processes 2` starts a single process; the last
+line is how to get two, talking over gloo.)
+
+Each sequence is the tokens of `join_conversation(prompt, reply)` followed by EOS (so the
+model learns to end its turn); the reply's tokens are what follows the prompt's own
+tokens, which GPT-2's pre-tokenizer keeps apart (checked for every pair). A pair's chosen and
+rejected rows go through each model in one forward pass, left padded, with position ids
+from the attention mask. The implicit reward of a reply is beta * (log pi - log ref).
+
+Options: `--label_smoothing e` is conservative DPO (cDPO, Mitchell 2023: the labels are
+taken as flipped with probability e); `--loss_type ipo` is IPO (Azar et al. 2023, eq. 17:
+(h - 1/(2 beta))^2 with h the log-ratio difference of eq. 7); `--precompute_ref_logps`
+computes the reference log-probs of every pair once before training and frees the
+reference model.
+
+Deliberate departures: dropout is switched off in the policy and the reference (as TRL
+does), so that at step 0 the policy equals the reference exactly (loss = log 2) and the
+implicit rewards measure training, not dropout noise. IPO uses summed log-probs, as in
+the paper (TRL averages them per token). A reply longer than `max_seq_len` alone is cut
+from the right (and then has no EOS); the prompt is cut from the left to make room.
+`dpo/kl` is a diagnostic, not a KL estimate proper: the mean over pairs of the summed
+log pi - log ref on the *chosen* replies, which are data, not samples of the policy.
+There is no evaluation at step 0: the policy is the reference there, so the loss is
+log 2 and every implicit reward is 0 (a tie, counted as a wrong answer by the accuracy).
+"""
+
+import math
+import shutil
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from common import (
+    DPO_DIR,
+    CommonArgs,
+    MetricsLogger,
+    UserError,
+    check,
+    gather_logprobs,
+    join_conversation,
+    load_causal_lm,
+    load_checkpoint,
+    load_processed_data,
+    load_tokenizer,
+    make_accelerator,
+    plot_metrics,
+    response_logits,
+    run,
+    save_args,
+    save_checkpoint,
+    save_pretrained_atomic,
+    set_seed,
+    unwrap,
+)
+
+
+@dataclass
+class Args(CommonArgs):
+    # data
+    max_train_samples: int = field(default=0, metadata={"help": "use the first N pairs of the train split (0 = all)"})
+    max_eval_samples: int = field(default=0, metadata={"help": "use the first N validation pairs (0 = all)"})
+    max_seq_len: int = field(
+        default=512, metadata={"help": "tokens per prompt + reply; the prompt is cut from the left"}
+    )
+    # optimisation
+    num_train_epochs: int = field(default=1, metadata={"help": "passes over the train pairs"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps to run; overrides num_train_epochs (0 = off)"})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "pairs per micro-batch per process"})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "pairs per evaluation batch per process"})
+    gradient_accumulation_steps: int = field(default=8, metadata={"help": "micro-batches per optimizer step"})
+    learning_rate: float = field(default=5e-6, metadata={"help": "AdamW peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_ratio: float = field(
+        default=0.1, metadata={"help": "share of the steps with a linear warm-up, then linear decay"}
+    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient to this global norm"})
+    # algorithm
+    beta: float = field(default=0.1, metadata={"help": "DPO temperature: strength of the implicit KL to the reference"})
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "conservative DPO: probability that a label is flipped (sigmoid loss only)"}
+    )
+    loss_type: str = field(
+        default="sigmoid",
+        metadata={"help": "sigmoid: DPO (eq. 7); ipo: IPO's squared loss", "choices": ["sigmoid", "ipo"]},
+    )
+    precompute_ref_logps: bool = field(
+        default=False, metadata={"help": "compute the reference log-probs of all pairs once, then free the reference"}
+    )
+    # output
+    logging_steps: int = field(default=10, metadata={"help": "log training metrics every N optimizer steps"})
+    eval_steps: int = field(
+        default=100, metadata={"help": "evaluate on validation every N optimizer steps (0 = end only)"}
+    )
+    save_every: int = field(default=100, metadata={"help": "write runs/dpo/checkpoint.pt every N optimizer steps"})
+    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in runs/dpo/"})
+
+
+TINY = dict(
+    max_train_samples=320,
+    max_eval_samples=256,
+    per_device_train_batch_size=8,
+    per_device_eval_batch_size=32,
+    gradient_accumulation_steps=1,
+    learning_rate=5e-4,
+    logging_steps=4,
+    eval_steps=20,
+    save_every=20,
+)
+
+RUN_NAME = "dpo"
+PLOT_KEYS = (
+    "dpo/loss",
+    "eval/loss",
+    "dpo/rewards/accuracies",
+    "eval/rewards/accuracies",
+    "dpo/rewards/margins",
+    "dpo/rewards/chosen",
+    "dpo/rewards/rejected",
+    "dpo/kl",
+    "train/learning_rate",
+)
+
+
+# ---------------------------------------------------------------------------
+# Data: (prompt, chosen, rejected) token ids -> left-padded [chosen; rejected] batches
+# ---------------------------------------------------------------------------
+
+
+def tokenize_pairs(split, tokenizer):
+    """Every pair as token ids: its prompt's, and each reply's as the rest of `join_conversation(prompt, reply)`.
+
+    GPT-2's pre-tokenizer splits before the space that opens the reply, so the joined
+    text's tokens start with the prompt's own; a tokenizer that merges across that
+    boundary would make the reply's log-probs ill-defined, and is refused.
+    """
+    prompts = tokenizer(list(split["prompt"]))["input_ids"]
+    pairs = [{"idx": i, "prompt": ids} for i, ids in enumerate(prompts)]
+    for key in ("chosen", "rejected"):
+        texts = [join_conversation(p, r) for p, r in zip(split["prompt"], split[f"{key}_response"])]
+        for pair, ids in zip(pairs, tokenizer(texts)["input_ids"]):
+            n = len(pair["prompt"])
+            check(
+                ids[:n] == pair["prompt"],
+                f"--model {tokenizer.name_or_path}: its tokenizer merges the prompt's last token with the reply's first "
+                f"(pair {pair['idx']}), so the reply's tokens are not a suffix of the conversation's",
+            )
+            pair[key] = ids[n:]
+    return pairs
+
+
+def build_sequence(prompt_ids, reply_ids, eos_token_id, max_seq_len):
+    """prompt + reply + EOS in at most `max_seq_len` tokens: (ids, reply mask).
+
+    A reply too long by itself is cut from the right (and so loses its EOS); the
+    prompt keeps at least one token, which predicts the reply's first token, and is cut
+    from the left so that it keeps its final "Assistant:".
+    """
+    reply_ids = (reply_ids + [eos_token_id])[: max_seq_len - 1]
+    prompt_ids = prompt_ids[-(max_seq_len - len(reply_ids)) :]
+    return prompt_ids + reply_ids, [0] * len(prompt_ids) + [1] * len(reply_ids)
+
+
+def collate_pairs(pairs, eos_token_id, max_seq_len, padding_side="left"):
+    """A batch of B pairs as 2B padded rows, chosen first then rejected: (2B, T) tensors and idx (B,).
+
+    The pad token is EOS: what is padding comes from `attention_mask`, what is scored from
+    `loss_mask` (the reply and its EOS), never from comparing ids with the pad id.
+    """
+    rows = [
+        build_sequence(p["prompt"], p[key], eos_token_id, max_seq_len) for key in ("chosen", "rejected") for p in pairs
+    ]
+    width = max(len(ids) for ids, _ in rows)
+
+    def pad(seq, value):
+        fill = [value] * (width - len(seq))
+        return fill + seq if padding_side == "left" else seq + fill
+
+    return {
+        "input_ids": torch.tensor([pad(ids, eos_token_id) for ids, _ in rows]),  # (2B, T)
+        "attention_mask": torch.tensor([pad([1] * len(ids), 0) for ids, _ in rows]),  # (2B, T)
+        "loss_mask": torch.tensor([pad(mask, 0) for _, mask in rows]),  # (2B, T)
+        "idx": torch.tensor([p["idx"] for p in pairs]),  # (B,)
+    }
+
+
+class EpochShuffle(Sampler):
+    """A fresh permutation per epoch, seeded by (seed, epoch): every process and a resumed run see the same order."""
+
+    def __init__(self, n, seed):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch):  # accelerate's prepared loader forwards `set_epoch` to its sampler
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        yield from torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+
+
+# ---------------------------------------------------------------------------
+# Log-probs and the loss
+# ---------------------------------------------------------------------------
+
+
+def disable_dropout(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def sequence_logps(model, input_ids, attention_mask, loss_mask):
+    """log p(tokens where loss_mask is 1 | the tokens before them), summed per row: (N, T) -> (N,).
+
+    Only the columns from the first scored token on go through the log-softmax; position
+    ids come from the attention mask (`common.forward`), so any padding side gives the same sums.
+    """
+    context_length = int(loss_mask.any(0).long().argmax())  # first column holding a reply token (>= 1)
+    logits, _ = response_logits(model, input_ids, attention_mask, context_length)  # (N, T - c, V)
+    logprobs = gather_logprobs(logits, input_ids[:, context_length:])  # (N, T - c)
+    return (logprobs * loss_mask[:, context_length:]).sum(-1)  # (N,)
+
+
+def batch_logps(model, batch):
+    """Summed reply log-probs of the chosen and the rejected rows, in one forward pass: (B,), (B,)."""
+    logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])  # (2B,)
+    return logps.chunk(2)
+
+
+@torch.no_grad()
+def reference_logps(ref_model, ref_table, batch, accelerator):
+    """The frozen reference's (chosen, rejected) log-probs: looked up when precomputed, else one forward pass."""
+    if ref_table is not None:
+        return ref_table[batch["idx"]].unbind(-1)  # (B,), (B,)
+    with accelerator.autocast():
+        return batch_logps(ref_model, batch)
+
+
+@torch.no_grad()
+def precompute_ref_logps(ref_model, loader, n, accelerator):
+    """Reference log-probs of every pair, computed once: ((n, 2) as [chosen, rejected], tokens through the forwards)."""
+    table, tokens = torch.zeros(n, 2, device=accelerator.device), 0
+    for batch in tqdm(loader, desc="reference log-probs", disable=not accelerator.is_main_process):
+        chosen, rejected = reference_logps(ref_model, None, batch, accelerator)
+        idx, chosen, rejected = accelerator.gather_for_metrics((batch["idx"], chosen, rejected))
+        table[idx] = torch.stack([chosen, rejected], -1).float()
+        tokens += batch["attention_mask"].sum().item()
+    return table, tokens
+
+
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, label_smoothing, loss_type):
+    """Per-pair loss and implicit rewards, all (B,) from (B,) summed log-probs.
+
+    sigmoid: Rafailov et al. 2023, eq. 7, with cDPO's label smoothing e:
+        -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)
+    ipo: Azar et al. 2023, eq. 17: (h - 1 / (2 beta))^2
+    where h = pi_logratios - ref_logratios. The implicit reward (eq. 5, up to the
+    prompt's partition function) is beta * (log pi - log ref).
+    """
+    pi_logratios = chosen_logps - rejected_logps  # (B,)
+    ref_logratios = ref_chosen_logps - ref_rejected_logps  # (B,)
+    logits = pi_logratios - ref_logratios  # (B,) h
+    if loss_type == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    else:
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * logits) - label_smoothing * F.logsigmoid(-beta * logits)
+    chosen_rewards = beta * (chosen_logps - ref_chosen_logps).detach()  # (B,)
+    rejected_rewards = beta * (rejected_logps - ref_rejected_logps).detach()  # (B,)
+    return losses, chosen_rewards, rejected_rewards
+
+
+def pair_stats(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, ref_chosen_logps):
+    """What is logged, per pair (B,) each, so that it can be gathered across processes and averaged."""
+    return {
+        "loss": losses.detach(),
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),  # a tie (step 0) counts as wrong
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "logps/chosen": chosen_logps.detach(),
+        "logps/rejected": rejected_logps.detach(),
+        "kl": (chosen_logps - ref_chosen_logps).detach(),  # summed log pi - log ref on the chosen reply
+    }
+
+
+def mean_stats(stats, accelerator, prefix):
+    """Average per-pair stats over every process: {prefix/key: float}."""
+    stats = accelerator.gather({k: torch.cat([s[k] for s in stats]).float() for k in stats[0]})
+    return {f"{prefix}/{k}": v.mean().item() for k, v in stats.items()}
+
+
+@torch.no_grad()
+def evaluate(policy, ref_model, ref_table, loader, args, accelerator):
+    """DPO loss, implicit rewards and accuracy on the validation pairs: ({eval/key: float}, tokens through forwards)."""
+    stats, tokens = [], 0
+    for batch in tqdm(loader, desc="eval", leave=False, disable=not accelerator.is_main_process):
+        chosen_logps, rejected_logps = batch_logps(policy, batch)
+        ref_chosen_logps, ref_rejected_logps = reference_logps(ref_model, ref_table, batch, accelerator)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            chosen_logps,
+            rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            args.beta,
+            args.label_smoothing,
+            args.loss_type,
+        )
+        # gather_for_metrics drops the pairs that accelerate repeated to even out the last batch
+        stats.append(
+            accelerator.gather_for_metrics(
+                pair_stats(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, ref_chosen_logps)
+            )
+        )
+        tokens += batch["attention_mask"].sum().item() * (1 if ref_table is not None else 2)
+    return {f"eval/{k}": torch.cat([s[k] for s in stats]).float().mean().item() for k in stats[0]}, tokens
+
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+
+
+def main(args):
+    check(args.beta > 0, f"--beta must be positive, got {args.beta}")
+    check(0 <= args.label_smoothing < 0.5, f"--label_smoothing must be in [0, 0.5), got {args.label_smoothing}")
+    check(args.label_smoothing == 0 or args.loss_type == "sigmoid", "--label_smoothing applies to --loss_type sigmoid")
+    check(args.max_seq_len >= 2, f"--max_seq_len must hold a prompt token and a reply token, got {args.max_seq_len}")
+    check(
+        min(args.per_device_train_batch_size, args.per_device_eval_batch_size, args.gradient_accumulation_steps) > 0,
+        "--per_device_train_batch_size, --per_device_eval_batch_size and --gradient_accumulation_steps must be positive",
+    )
+    check(args.learning_rate > 0 and 0 <= args.warmup_ratio < 1, "--learning_rate > 0 and --warmup_ratio in [0, 1)")
+    check(args.num_train_epochs > 0 or args.max_steps > 0, "--num_train_epochs or --max_steps must be positive")
+    check(min(args.logging_steps, args.save_every) > 0, "--logging_steps and --save_every must be positive")
+    check(
+        min(args.max_train_samples, args.max_eval_samples, args.eval_steps, args.max_steps) >= 0, "counts must be >= 0"
+    )
+    accelerator = make_accelerator()
+    accelerator.gradient_accumulation_steps = args.gradient_accumulation_steps
+    is_main = accelerator.is_main_process
+    run_dir = Path(args.work_dir) / "runs" / RUN_NAME
+    checkpoint_path = run_dir / "checkpoint.pt"
+    check(not args.resume or checkpoint_path.is_file(), f"--resume: no checkpoint at {checkpoint_path}")
+    set_seed(args.seed)
+
+    # data: token ids of every pair, a seeded shuffle per epoch
+    data = load_processed_data(args)
+    tokenizer = load_tokenizer(args.model)
+    splits = {
+        name: data[name].select(range(min(limit or len(data[name]), len(data[name]))))
+        for name, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples))
+    }
+    train_set, val_set = (tokenize_pairs(splits[name], tokenizer) for name in ("train", "validation"))
+    collate = partial(collate_pairs, eos_token_id=tokenizer.eos_token_id, max_seq_len=args.max_seq_len)
+    train_loader = DataLoader(
+        train_set,
+        batch_size=args.per_device_train_batch_size,
+        sampler=EpochShuffle(len(train_set), args.seed),
+        collate_fn=collate,
+    )
+    val_loader = DataLoader(val_set, batch_size=args.per_device_eval_batch_size, collate_fn=collate)
+
+    # models: the policy and its frozen reference both start from the base model
+    policy = load_causal_lm(args.model, tokenizer)
+    ref_model = load_causal_lm(args.model, tokenizer).eval().requires_grad_(False)
+    disable_dropout(policy)
+    disable_dropout(ref_model)
+    check(
+        args.max_seq_len <= policy.config.max_position_embeddings,
+        f"--max_seq_len {args.max_seq_len} exceeds the model's {policy.config.max_position_embeddings} positions",
+    )
+
+    # optimiser: AdamW, linear warm-up then linear decay to 0
+    num_processes = accelerator.num_processes
+    batches_per_epoch = math.ceil(len(train_set) / (args.per_device_train_batch_size * num_processes))
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    total_steps = args.max_steps or args.num_train_epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    # A prepared scheduler advances num_processes times per optimizer step (accelerate's convention).
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(args.warmup_ratio * total_steps) * num_processes, total_steps * num_processes
+    )
+    step = 0
+    if args.resume:
+        state = load_checkpoint(checkpoint_path)
+        policy.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        check(step < total_steps, f"--resume: the checkpoint is at step {step} of {total_steps}; raise --max_steps")
+        print(f"resumed from {checkpoint_path} at step {step}")
+    policy, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
+        policy, optimizer, train_loader, val_loader, scheduler
+    )
+    ref_model.to(accelerator.device)
+    logger = MetricsLogger(run_dir / "metrics.jsonl", resume_step=step if args.resume else None, enabled=is_main)
+    if is_main:
+        print(
+            f"DPO: {len(train_set)} train / {len(val_set)} validation pairs, {total_steps} optimizer steps of "
+            f"{args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes} pairs "
+            f"on {num_processes} process(es)"
+        )
+
+    def count_tokens(tokens):  # tokens through this process's forward passes, summed over processes
+        logger.add_tokens(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum").item())
+
+    ref_tables = {"train": None, "validation": None}
+    if args.precompute_ref_logps:
+        in_order = accelerator.prepare(
+            DataLoader(train_set, batch_size=args.per_device_eval_batch_size, collate_fn=collate)
+        )
+        for name, loader, n in (("train", in_order, len(train_set)), ("validation", val_loader, len(val_set))):
+            ref_tables[name], tokens = precompute_ref_logps(ref_model, loader, n, accelerator)
+            count_tokens(tokens)
+        ref_model = None  # every reference log-prob is in the tables now
+
+    def evaluate_and_count():
+        metrics, tokens = evaluate(policy, ref_model, ref_tables["validation"], val_loader, args, accelerator)
+        count_tokens(tokens)
+        return metrics
+
+    def save(step):
+        accelerator.wait_for_everyone()
+        if is_main:
+            state = {"model": unwrap(policy).state_dict(), "optimizer": optimizer.state_dict()}
+            save_checkpoint(checkpoint_path, state | {"scheduler": scheduler.state_dict(), "step": step})
+            plot_metrics(logger.path, PLOT_KEYS, run_dir / f"{RUN_NAME}_curves.png", title="DPO")
+
+    last_saved = step if args.resume else None
+    window, tokens = [], 0  # per-pair stats and tokens since the last log
+    bar = tqdm(total=total_steps, initial=step, desc="dpo", disable=not is_main)
+    policy.train()
+    for epoch in range(step // steps_per_epoch, math.ceil(total_steps / steps_per_epoch)):
+        train_loader.set_epoch(epoch)
+        done = (step - epoch * steps_per_epoch) * args.gradient_accumulation_steps  # batches already trained on
+        for i, batch in enumerate(train_loader):
+            if i < done:
+                continue
+            with accelerator.accumulate(policy):
+                # 1. summed reply log-probs: chosen and rejected in one forward pass per model
+                chosen_logps, rejected_logps = batch_logps(policy, batch)  # (B,), (B,)
+                ref_chosen_logps, ref_rejected_logps = reference_logps(
+                    ref_model, ref_tables["train"], batch, accelerator
+                )
+                # 2. the DPO loss (eq. 7) and the implicit rewards
+                losses, chosen_rewards, rejected_rewards = dpo_loss(
+                    chosen_logps,
+                    rejected_logps,
+                    ref_chosen_logps,
+                    ref_rejected_logps,
+                    args.beta,
+                    args.label_smoothing,
+                    args.loss_type,
+                )
+                loss = losses.mean()
+                if not accelerator.gather(torch.isfinite(loss.detach())).all():
+                    kept = f"step {last_saved} in {checkpoint_path}" if last_saved is not None else "none was written"
+                    raise UserError(
+                        f"the loss is {loss.item()} at step {step + 1}: stopped; last good checkpoint: {kept} "
+                        "(lower --learning_rate, then --resume)"
+                    )
+                # 3. backward; accelerate averages over the accumulated micro-batches and only steps at their end
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            window.append(
+                pair_stats(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, ref_chosen_logps)
+            )
+            tokens += batch["attention_mask"].sum().item() * (1 if ref_model is None else 2)
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            bar.update()
+            record = {}
+            if step % args.logging_steps == 0 or step == total_steps:
+                record |= mean_stats(window, accelerator, "dpo")
+                record |= {"train/learning_rate": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm.item()}
+                record["train/epoch"] = step / steps_per_epoch
+                count_tokens(tokens)
+                window, tokens = [], 0
+                bar.set_postfix(loss=f"{record['dpo/loss']:.3f}", acc=f"{record['dpo/rewards/accuracies']:.2f}")
+            if (args.eval_steps and step % args.eval_steps == 0) or step == total_steps:
+                eval_metrics = evaluate_and_count()
+                record |= eval_metrics
+            if record:
+                logger.log(step, record)
+            if step % args.save_every == 0 or step == total_steps:
+                save(step)
+                last_saved = step
+            if step == total_steps:
+                break
+        if step == total_steps:
+            break
+    bar.close()
+
+    # the final evaluation ran at the last step above; save the policy
+    if is_main:
+        print(
+            f"validation: loss {eval_metrics['eval/loss']:.4f}, "
+            f"implicit-reward accuracy {eval_metrics['eval/rewards/accuracies']:.3f}, "
+            f"margin {eval_metrics['eval/rewards/margins']:.3f}, kl {eval_metrics['eval/kl']:.2f}"
+        )
+        save_pretrained_atomic(
+            Path(args.work_dir) / DPO_DIR,
+            policy,
+            tokenizer,
+            extra={
+                "metrics.jsonl": lambda path: shutil.copy(logger.path, path),
+                f"{RUN_NAME}_curves.png": lambda path: shutil.copy(run_dir / f"{RUN_NAME}_curves.png", path),
+                "args.json": lambda path: save_args(args, path),
+            },
+        )
+        print(f"wrote {Path(args.work_dir) / DPO_DIR}")
+    accelerator.wait_for_everyone()
+    return unwrap(policy)
+
+
+if __name__ == "__main__":
+    run(main, Args, TINY)
