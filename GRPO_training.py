@@ -1,0 +1,456 @@
+"""Step 4 of the pipeline: GRPO, Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath §4.1).
+
+No value model: each prompt gets a *group* of `group_size` sampled replies, and a reply's
+advantage is how much better the reward model scored it than its group's mean. Per step:
+
+1. sample `group_size` replies to each of `rollout_batch_size` train prompts in one `generate`
+   call (the prompt is tokenized once; `top_k=0`, `top_p`, `temperature`); a reply ends at its
+   first EOS and every token after it is masked (pad is EOS; positions from the attention mask);
+2. score `join_conversation(prompt, reply)` with the frozen reward model (`final_reward_model/`);
+3. group-relative advantages (outcome supervision, §4.1.2): A_i = r_i - mean(r_group), divided by
+   std(r_group) + eps with `--scale_rewards`; a group whose scores are all equal gets A = 0 exactly.
+   Then, as the seed does, every advantage is divided by the std of all advantages in the batch
+   (`--normalize_advantages`; their mean is already 0, so zero-spread groups stay at 0). A reply's
+   advantage is given to each of its tokens;
+4. log-probs of the replies under the frozen reference (the base model);
+5. the loss, DeepSeekMath eq. 3: per response token
+       -min(ratio * A, clip(ratio, 1 - clip_range, 1 + clip_range) * A) + kl_coef * k3,
+   with ratio = pi / pi_old and k3 = exp(ref - logp) - (ref - logp) - 1 >= 0, the unbiased KL
+   estimator of eq. 4; averaged over each reply's tokens, then over replies (eq. 3's
+   1/G sum_i 1/|o_i| sum_t), plus the seed's target-entropy term entropy_coef * (H - target_entropy)^2,
+   H = the mean per-token entropy averaged the same way;
+6. every `eval_every` steps, the mean reward on a fixed set of held-out validation prompts, sampled
+   as in training under a fixed seed (every evaluation sees the same prompts and the same noise); the
+   best-scoring policy is written to `grpo_best/` at the end, the final one to `grpo_rlhf_model/`.
+
+    python GRPO_training.py                                   # gpt2, after reward_model_training.py
+    python GRPO_training.py --preset tiny --work_dir runs/tiny
+    accelerate launch --num_processes 2 GRPO_training.py ...  # data-parallel, unchanged
+
+Deliberate departures from the paper:
+* one update per rollout by default (the seed), so ratio == 1 and the clip is inactive; with
+  `--updates_per_rollout` > 1 (the paper's mu) the rollout is reused and the clip matters;
+* the seed's batch-wide advantage normalisation after the group one, and its target-entropy term;
+* dropout is off in the policy (it stays in eval mode), so the log-probs of the first update are
+  those of the policy that sampled;
+* optional adaptive KL (`--adapt_kl`, Ziegler et al.'s controller on the per-reply KL, k3 summed over
+  its tokens); the paper keeps beta fixed. Per-reply token averaging favours long wrong and short right
+  replies (Liu et al. 2025, "Dr. GRPO"); we keep the paper's form.
+"""
+
+import copy
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate.utils import gather_object
+from tqdm import tqdm
+
+from common import (
+    GRPO_BEST_DIR,
+    GRPO_FINAL_DIR,
+    AdaptiveKLController,
+    CommonArgs,
+    MetricsLogger,
+    atomic_write_json,
+    check,
+    entropy_from_logits,
+    gather_logprobs,
+    generate_responses,
+    get_reward,
+    load_causal_lm,
+    load_checkpoint,
+    load_processed_data,
+    load_reward_model,
+    load_tokenizer,
+    make_accelerator,
+    masked_mean,
+    plot_metrics,
+    response_logits,
+    run,
+    save_args,
+    save_checkpoint,
+    save_pretrained_atomic,
+    set_seed,
+    unwrap,
+)
+
+
+@dataclass
+class Args(CommonArgs):
+    # data
+    max_prompt_length: int = field(default=192, metadata={"help": "prompt tokens kept, truncated from the left"})
+    reward_max_length: int = field(
+        default=512, metadata={"help": "tokens the reward model reads (its training length)"}
+    )
+    eval_prompts: int = field(default=128, metadata={"help": "fixed held-out validation prompts for --eval_every"})
+    # generation
+    max_new_tokens: int = field(default=32, metadata={"help": "reply length limit in tokens"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use the same)"})
+    top_p: float = field(default=0.9, metadata={"help": "nucleus sampling threshold (top_k is off)"})
+    # optimisation
+    total_steps: int = field(default=1500, metadata={"help": "rollouts (each followed by its updates)"})
+    rollout_batch_size: int = field(default=2, metadata={"help": "prompts per rollout and process"})
+    group_size: int = field(default=3, metadata={"help": "replies sampled per prompt (G)"})
+    updates_per_rollout: int = field(default=1, metadata={"help": "gradient steps on each rollout (the paper's mu)"})
+    learning_rate: float = field(default=2e-6, metadata={"help": "AdamW learning rate (constant)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    # algorithm
+    scale_rewards: bool = field(default=True, metadata={"help": "divide by the group's std (DeepSeekMath GRPO)"})
+    normalize_advantages: bool = field(default=True, metadata={"help": "then divide by the batch's advantage std"})
+    std_eps: float = field(default=1e-4, metadata={"help": "added to a std before dividing by it"})
+    clip_range: float = field(default=0.2, metadata={"help": "PPO ratio clip (active from the second update on)"})
+    kl_coef: float = field(default=0.02, metadata={"help": "beta: weight of the k3 KL to the reference"})
+    adapt_kl: bool = field(default=False, metadata={"help": "adapt beta toward --target_kl (Ziegler controller)"})
+    target_kl: float = field(default=0.3, metadata={"help": "target per-reply KL for --adapt_kl"})
+    kl_horizon: int = field(default=10_000, metadata={"help": "horizon of the adaptive KL controller, in replies"})
+    entropy_coef: float = field(default=0.1, metadata={"help": "weight of (H - target_entropy)^2"})
+    target_entropy: float = field(default=1.8, metadata={"help": "per-token entropy the policy is held near"})
+    # output
+    eval_every: int = field(default=100, metadata={"help": "steps between held-out evaluations (best checkpoint)"})
+    eval_batch_size: int = field(default=64, metadata={"help": "prompts per generate call when evaluating"})
+    save_every: int = field(default=100, metadata={"help": "steps between checkpoints in runs/grpo/"})
+    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in runs/grpo/"})
+
+
+# The tiny base model samples at ~0.55 nats per token: the seed's target_entropy of 1.8 (and its weak
+# KL) pushes it to word salad that the tiny reward model still scores well (KL ~60 nats per reply),
+# so the tiny preset holds entropy near the base model's and weighs the KL term 25x more.
+TINY = dict(
+    reward_max_length=256,
+    eval_prompts=64,
+    total_steps=30,
+    rollout_batch_size=8,
+    group_size=4,
+    learning_rate=2e-4,
+    kl_coef=0.5,
+    target_entropy=0.6,
+    eval_every=10,
+    save_every=10,
+)
+
+CURVES = [
+    "objective/scores",
+    "eval/reward",
+    "objective/kl",
+    "objective/entropy",
+    "grpo/loss",
+    "grpo/within_group_std",
+    "grpo/zero_spread_share",
+    "response/length",
+    "response/distinct_share",
+]
+
+
+def group_advantages(scores, group_size, scale_rewards, eps):
+    """DeepSeekMath §4.1.2: each reply's score minus its group's mean (/ the group's std): (N,) -> (N,).
+
+    Rows i * group_size ... (i + 1) * group_size - 1 answer the same prompt.
+    """
+    grouped = scores.view(-1, group_size)  # (num_prompts, G)
+    advantages = grouped - grouped.mean(1, keepdim=True)
+    if scale_rewards:
+        advantages = advantages / (grouped.std(1, keepdim=True) + eps)
+    # A group whose replies all scored the same has nothing to prefer: exactly 0, not a rounding residue.
+    spread = grouped.amax(1, keepdim=True) - grouped.amin(1, keepdim=True)
+    return torch.where(spread > 0, advantages, 0.0).flatten()
+
+
+def k3_kl(logprobs, ref_logprobs):
+    """Per-token KL(pi || ref) estimate, DeepSeekMath eq. 4 (Schulman's k3): unbiased and >= 0."""
+    log_ratio = ref_logprobs - logprobs
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, entropy, mask, args, kl_coef):
+    """DeepSeekMath eq. 3 plus the seed's entropy term; every input (N, R) except advantages (N,).
+
+    Tokens where `mask` is 0 (after a reply's first EOS) contribute nothing, whatever they hold.
+    Returns the loss and its parts (detached) for logging.
+    """
+    keep = mask.bool()
+    # Zero the masked log-ratios before exp(), so padding can never overflow into inf * 0 = nan.
+    log_ratio = torch.where(keep, logprobs - old_logprobs, 0.0)  # (N, R)
+    ratio = torch.exp(log_ratio)
+    pg_losses = -advantages[:, None] * ratio  # (N, R)
+    pg_losses_clipped = -advantages[:, None] * torch.clamp(ratio, 1 - args.clip_range, 1 + args.clip_range)
+    pg_loss_tokens = torch.max(pg_losses, pg_losses_clipped)  # pessimistic bound of PPO
+    kl = k3_kl(torch.where(keep, logprobs, 0.0), torch.where(keep, ref_logprobs, 0.0))  # (N, R)
+
+    def per_reply_mean(x):  # 1/G sum_i 1/|o_i| sum_t: mean over each reply's tokens, then over replies
+        return masked_mean(x, mask, dim=1).mean()
+
+    pg_loss = per_reply_mean(pg_loss_tokens)
+    kl_mean = per_reply_mean(kl)
+    mean_entropy = per_reply_mean(entropy)
+    entropy_loss = args.entropy_coef * (mean_entropy - args.target_entropy) ** 2
+    loss = pg_loss + kl_coef * kl_mean + entropy_loss
+    stats = {
+        "grpo/loss": loss,
+        "grpo/pg_loss": pg_loss,
+        "grpo/kl_loss": kl_coef * kl_mean,
+        "grpo/entropy_loss": entropy_loss,
+        "grpo/clipfrac": per_reply_mean(((ratio - 1).abs() > args.clip_range).float()),
+        "objective/entropy": mean_entropy,
+        "objective/kl": kl.sum(1).mean(),  # per reply: k3 summed over its tokens (0 after EOS)
+    }
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def sample_and_score(model, tokenizer, reward_model, reward_tokenizer, prompts, args, seed):
+    """One sampled reply per prompt under a fixed seed, scored by the reward model.
+
+    The seed is set inside `fork_rng`, so the caller's random stream is untouched and two calls
+    with the same model give the same replies. Returns scores (N,), replies, lengths (N,) in
+    tokens (EOS included) and the number of tokens generated (prompts included).
+    """
+    scores, replies, lengths, tokens = [], [], [], 0
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for i in range(0, len(prompts), args.eval_batch_size):
+            batch = prompts[i : i + args.eval_batch_size]
+            samples = generate_responses(
+                model, tokenizer, batch, args.max_prompt_length, args.max_new_tokens, args.temperature, args.top_p
+            )
+            scores.append(get_reward(reward_model, reward_tokenizer, batch, samples.responses, args.reward_max_length))
+            replies += samples.responses
+            lengths.append(samples.response_mask.sum(1).cpu())
+            tokens += samples.attention_mask.sum().item()
+    return {"scores": torch.cat(scores).cpu(), "replies": replies, "lengths": torch.cat(lengths), "tokens": tokens}
+
+
+def summarize(scores, replies, lengths):
+    """Mean reward with its standard error, distinct-reply share and mean length (in tokens, EOS included)."""
+    return {
+        "reward": scores.mean().item(),
+        "reward_se": (scores.std() / len(scores) ** 0.5).item(),
+        "distinct_share": len(set(replies)) / len(replies),
+        "length": lengths.float().mean().item(),
+    }
+
+
+def update_best(best, step, reward, model):
+    """The best evaluation so far: `best` unless `reward` beats it, then this step with a CPU copy of the weights."""
+    if best is not None and reward <= best["eval/reward"]:
+        return best
+    state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+    return {"step": step, "eval/reward": reward, "state": state}
+
+
+def prompt_order(num_prompts, needed, seed):
+    """A seeded sequence of prompt indices, one permutation after another: resuming at step s draws the same."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.permutation(num_prompts) for _ in range(-(-needed // num_prompts))])
+
+
+def main(args):
+    for name in ("total_steps", "rollout_batch_size", "updates_per_rollout", "eval_every", "save_every"):
+        check(getattr(args, name) >= 1, f"--{name} must be at least 1, got {getattr(args, name)}")
+    check(
+        args.group_size >= 2, f"--group_size must be at least 2 (a group of one has no baseline), got {args.group_size}"
+    )
+    check(args.eval_prompts >= 1 and args.eval_batch_size >= 1, "--eval_prompts and --eval_batch_size must be >= 1")
+    check(
+        args.max_new_tokens >= 1 and args.max_prompt_length >= 1,
+        "--max_new_tokens and --max_prompt_length must be at least 1",
+    )
+    check(args.temperature > 0 and 0 < args.top_p <= 1, "--temperature must be > 0 and --top_p in (0, 1]")
+    check(
+        args.clip_range > 0 and args.kl_coef >= 0 and args.std_eps > 0,
+        "--clip_range and --std_eps must be > 0, --kl_coef >= 0",
+    )
+    check(not args.adapt_kl or args.target_kl > 0, f"--target_kl must be > 0 with --adapt_kl, got {args.target_kl}")
+    run_dir = Path(args.work_dir) / "runs" / "grpo"
+    ckpt_path = run_dir / "checkpoint.pt"
+    check(not args.resume or ckpt_path.is_file(), f"--resume: no checkpoint at {ckpt_path}; start without --resume")
+
+    accelerator = make_accelerator()
+    is_main, device = accelerator.is_main_process, accelerator.device
+    world, rank = accelerator.num_processes, accelerator.process_index
+    set_seed(args.seed)
+
+    # data: train prompts for rollouts, a fixed slice of validation prompts for evaluation
+    data = load_processed_data(args)
+    train_prompts = list(data["train"]["prompt"])
+    eval_prompts = list(data["validation"]["prompt"])[: args.eval_prompts]
+    if len(eval_prompts) < args.eval_prompts and is_main:
+        print(f"the validation split has {len(eval_prompts)} prompts: evaluating on all of them")
+    check(len(eval_prompts) >= world, f"--eval_prompts: {len(eval_prompts)} prompts for {world} processes")
+    order = prompt_order(len(train_prompts), args.total_steps * args.rollout_batch_size * world, args.seed)
+
+    # models: the policy (trained), its frozen reference and the frozen reward model
+    tokenizer = load_tokenizer(args.model)
+    policy = load_causal_lm(args.model, tokenizer)
+    reference = copy.deepcopy(policy).to(device).requires_grad_(False)
+    reward_model, reward_tokenizer = load_reward_model(args.work_dir, device)
+    policy.eval()  # dropout off: the loss's log-probs are those of the policy that sampled
+    reference.eval()
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)
+
+    start_step, best = 0, None
+    if args.resume:
+        state = load_checkpoint(ckpt_path)
+        unwrap(policy).load_state_dict(state["policy"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step, best, kl_ctl.value = state["step"], state["best"], state["kl_coef"]
+        check(start_step < args.total_steps, f"--resume: the checkpoint is at step {start_step} >= --total_steps")
+        if is_main:
+            print(f"resumed from {ckpt_path} at step {start_step}")
+    logger = MetricsLogger(run_dir / "metrics.jsonl", resume_step=start_step if args.resume else None, enabled=is_main)
+    if is_main:
+        save_args(args, run_dir / "args.json")
+
+    def evaluate(step):
+        """Held-out mean reward, identical on every process (each samples its share, then all gather)."""
+        result = sample_and_score(
+            unwrap(policy), tokenizer, reward_model, reward_tokenizer, eval_prompts[rank::world], args, args.seed + rank
+        )
+        logger.add_tokens(2 * sum(gather_object([result["tokens"]])))  # generation, then the reward model
+        summary = summarize(
+            torch.tensor(gather_object(result["scores"].tolist())),
+            gather_object(result["replies"]),
+            torch.tensor(gather_object(result["lengths"].tolist())),
+        )
+        if is_main:
+            for score, reply in list(zip(result["scores"].tolist(), result["replies"]))[:2]:
+                tqdm.write(f"step {step} | eval reward {score:+.2f} | {reply[:100]!r}")
+        return {f"eval/{k}": v for k, v in summary.items()}
+
+    if best is None:  # the base model is the first candidate: grpo_best/ is never worse than it on this set
+        record = logger.log(0, evaluate(0))
+        best = update_best(None, 0, record["eval/reward"], policy)
+
+    steps = range(start_step + 1, args.total_steps + 1)
+    progress = tqdm(steps, initial=start_step, total=args.total_steps, desc="grpo", disable=not is_main)
+    for step in progress:
+        # 1. sample a group of replies per prompt, stopped and masked at the first EOS
+        first = ((step - 1) * world + rank) * args.rollout_batch_size
+        prompts = [train_prompts[i] for i in order[first : first + args.rollout_batch_size]]
+        samples = generate_responses(
+            unwrap(policy),
+            tokenizer,
+            prompts,
+            args.max_prompt_length,
+            args.max_new_tokens,
+            args.temperature,
+            args.top_p,
+            num_return_sequences=args.group_size,
+        )
+        input_ids, attention_mask = samples.input_ids, samples.attention_mask  # (N, P + R), N = prompts x G
+        response_ids, mask = samples.response_ids, samples.response_mask  # (N, R)
+        context_length = samples.query_ids.shape[1]
+
+        # 2. score every (prompt, reply) with the reward model
+        scores = get_reward(reward_model, reward_tokenizer, samples.prompts, samples.responses, args.reward_max_length)
+        all_scores = accelerator.gather(scores)  # (N * world,)
+
+        # 3. group-relative advantages, then normalised across the whole batch (every process)
+        advantages = group_advantages(scores, args.group_size, args.scale_rewards, args.std_eps)  # (N,)
+        if args.normalize_advantages:
+            advantages = advantages / (accelerator.gather(advantages).std() + args.std_eps)
+
+        # 4. log-probs of the replies under the frozen reference
+        with torch.no_grad(), accelerator.autocast():
+            ref_logits, _ = response_logits(reference, input_ids, attention_mask, context_length, args.temperature)
+            ref_logprobs = gather_logprobs(ref_logits, response_ids)  # (N, R)
+            del ref_logits
+
+        # 5. gradient steps on the rollout; the first one's log-probs are the sampling policy's (pi_old)
+        kl_coef = kl_ctl.value if args.adapt_kl else args.kl_coef
+        update_stats = []
+        for update in range(args.updates_per_rollout):
+            logits, _ = response_logits(policy, input_ids, attention_mask, context_length, args.temperature)
+            logprobs = gather_logprobs(logits, response_ids)  # (N, R)
+            if update == 0:
+                old_logprobs = logprobs.detach()
+            entropy = entropy_from_logits(logits)  # (N, R)
+            loss, stats = grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, entropy, mask, args, kl_coef)
+            losses = accelerator.gather(loss.detach().reshape(1))
+            check(
+                torch.isfinite(losses).all(),
+                f"the loss is {losses.tolist()} at step {step}: stopped; the last good checkpoint is {ckpt_path} "
+                "(rerun with --resume and a lower --learning_rate)",
+            )
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            update_stats.append(stats)
+
+        # 6. adaptive KL on the per-reply KL (k3 summed over its tokens), measured before the update
+        kl_per_reply = accelerator.gather(update_stats[0]["objective/kl"].reshape(1)).mean().item()
+        if args.adapt_kl:
+            kl_ctl.update(kl_per_reply, len(all_scores))
+
+        # 7. metrics, gathered over every process
+        num_tokens = accelerator.gather(attention_mask.sum().reshape(1)).sum()
+        logger.add_tokens(num_tokens * (3 + args.updates_per_rollout))  # generation, reference, reward, updates
+        grouped = all_scores.view(-1, args.group_size)  # (prompts x world, G)
+        replies = gather_object(samples.responses)
+        metrics = {
+            k: accelerator.gather(torch.stack([s[k] for s in update_stats]).mean().reshape(1)).mean().item()
+            for k in update_stats[0]
+        }
+        metrics |= {
+            "objective/scores": all_scores.mean().item(),
+            "objective/kl": kl_per_reply,
+            "grpo/reward_std": all_scores.std().item(),
+            "grpo/within_group_std": grouped.std(1).mean().item(),
+            "grpo/zero_spread_share": (grouped.amax(1) == grouped.amin(1)).float().mean().item(),
+            "objective/kl_coef": kl_coef,
+            "response/length": accelerator.gather(mask.sum(1).float()).mean().item(),
+            "response/eos_share": accelerator.gather((response_ids == tokenizer.eos_token_id).any(1).float())
+            .mean()
+            .item(),
+            "response/distinct_share": len(set(replies)) / len(replies),
+        }
+        if step % args.eval_every == 0 or step == args.total_steps:
+            metrics |= evaluate(step)
+            best = update_best(best, step, metrics["eval/reward"], policy)
+        logger.log(step, metrics)
+        progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{kl_per_reply:.3f}")
+
+        if step % args.save_every == 0:
+            if is_main:
+                save_checkpoint(
+                    ckpt_path,
+                    {
+                        "policy": unwrap(policy).state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "step": step,
+                        "best": best,
+                        "kl_coef": kl_ctl.value,
+                    },
+                )
+                plot_metrics(run_dir / "metrics.jsonl", CURVES, run_dir / "grpo_curves.png", "GRPO")
+            accelerator.wait_for_everyone()
+
+    # 8. save the final policy and the best-by-held-out-reward one, each with the run's metrics and curves
+    if is_main:
+        plot_metrics(run_dir / "metrics.jsonl", CURVES, run_dir / "grpo_curves.png", "GRPO")
+        extra = {
+            "metrics.jsonl": lambda p: shutil.copy(run_dir / "metrics.jsonl", p),
+            "grpo_curves.png": lambda p: shutil.copy(run_dir / "grpo_curves.png", p),
+            "args.json": lambda p: shutil.copy(run_dir / "args.json", p),
+        }
+        save_pretrained_atomic(Path(args.work_dir) / GRPO_FINAL_DIR, policy, tokenizer, extra=extra)
+        best_policy = load_causal_lm(args.model, tokenizer)
+        best_policy.load_state_dict(best["state"])
+        best_info = {"step": best["step"], "eval/reward": best["eval/reward"], "eval_prompts": len(eval_prompts)}
+        extra["best.json"] = lambda p: atomic_write_json(p, best_info)
+        save_pretrained_atomic(Path(args.work_dir) / GRPO_BEST_DIR, best_policy, tokenizer, extra=extra)
+        print(
+            f"best held-out reward {best['eval/reward']:.4f} at step {best['step']} -> {args.work_dir}/{GRPO_BEST_DIR}"
+        )
+        print(f"final policy -> {args.work_dir}/{GRPO_FINAL_DIR}")
+    accelerator.wait_for_everyone()
+    return unwrap(policy)
+
+
+if __name__ == "__main__":
+    run(main, Args, TINY)
