@@ -1,0 +1,526 @@
+"""Step 3 of the pipeline: RLHF with PPO against the learned reward model.
+
+The policy (the base causal LM plus a value head on its last hidden state) samples
+replies to prompts from `processed_data/`'s train split, the frozen reward model from
+`final_reward_model/` scores them, and PPO maximises score minus a per-token KL penalty
+to a frozen copy of the base model (Ziegler et al. 2019, "Fine-Tuning Language Models
+from Human Preferences"; Schulman et al. 2017, "Proximal Policy Optimization
+Algorithms"; Huang et al. 2024, "The N Implementation Details of RLHF with PPO"). One
+step of the loop below:
+
+1. generate: `rollout_batch_size` prompts per process (left truncated, so each keeps its
+   final "Assistant:"), one sampled reply each (KV cache, `top_k=0`, `temperature`,
+   `top_p`), masked after its first EOS;
+2. score: `get_reward` on `join_conversation(prompt, reply)`, read at the last real token;
+3. per-token KL penalty: r_t = -beta * (log pi(y_t) - log pi_ref(y_t)) on every reply
+   token, plus the score at the last one (the first EOS, or the last token without one);
+   beta follows Ziegler's adaptive controller toward `target_kl` (KL = per-sequence sum);
+4. GAE (gamma, lam) over reply tokens, returns = advantages + values, advantages whitened;
+5. PPO epochs: `ppo_epochs` passes over the rollout in `num_minibatches` minibatches with the
+   clipped policy loss, the clipped value loss and the seed's entropy term
+   `entropy_coef * (H - target_entropy)**2` (H = mean per-token entropy over reply tokens),
+   grad-norm clipping.
+
+    python PPO_training.py                                   # gpt2, the seed's settings (GPU)
+    python PPO_training.py --preset tiny --work_dir runs/tiny  # offline, ~1 minute on 2 CPU cores
+    accelerate launch --num_processes 2 PPO_training.py       # data parallel on 2 GPUs, unchanged
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 PPO_training.py --preset tiny --work_dir runs/tiny
+
+(On CPU, `accelerate launch --num_processes 2 --cpu` runs the script unchanged but, in
+accelerate 1.x, as a single process; the last line above starts two gloo processes.)
+
+Writes `ppo_rlhf_model/` (policy, tokenizer, `value_head.safetensors`, `metrics.jsonl`,
+`ppo_curves.png`, `args.json`, `eval_results.json`: score, KL, distinct share and length
+of one sample per held-out test prompt, for the policy and the base model, sampled with
+`eval_top_p` = 1.0 as evaluate_models.py does). While it
+trains, `runs/ppo/` holds `checkpoint.pt` (every `save_every` steps) for `--resume`.
+
+Deliberate choices and departures:
+* `rollout_batch_size` is per process (the global batch is it times the process count).
+* Dropout is off throughout (the policy stays in eval mode), as in the N details: with
+  dropout on, the first minibatch's ratio would not be 1 and clipfrac/approx_kl would be noise.
+* The value head reads `hidden_states[-1]`, which in transformers 5 is GPT-2's state after
+  the final layer norm (the vector lm_head reads). It shares the policy's transformer (one
+  module, so DDP syncs both) and starts at zero, so it adds no noise to the first advantages.
+* Losses are token means over the minibatch's reply tokens; approx_kl is the k3
+  estimator, mean((ratio - 1) - log ratio) (Schulman, "Approximating KL divergence").
+* With `top_p` < 1 replies are sampled from the truncated distribution while log-probs,
+  ratios and KL use the full tempered one (as the seed and TRL do): slightly off-policy.
+* Scores are used as the reward model gives them (no reward normalisation or whitening),
+  and a reply without EOS is not penalised; the learning rate is constant.
+"""
+
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate.utils import gather_object
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+from transformers.utils import ModelOutput
+
+from common import (
+    PPO_DIR,
+    AdaptiveKLController,
+    CommonArgs,
+    MetricsLogger,
+    UserError,
+    atomic_write_json,
+    check,
+    entropy_from_logits,
+    gather_logprobs,
+    generate_responses,
+    get_reward,
+    load_causal_lm,
+    load_checkpoint,
+    load_processed_data,
+    load_reward_model,
+    load_tokenizer,
+    make_accelerator,
+    masked_mean,
+    masked_whiten,
+    plot_metrics,
+    response_logits,
+    run,
+    save_checkpoint,
+    save_pretrained_atomic,
+    set_seed,
+    unwrap,
+)
+
+
+@dataclass
+class Args(CommonArgs):
+    # data
+    max_prompt_length: int = field(default=256, metadata={"help": "prompt tokens kept, truncated from the left"})
+    max_new_tokens: int = field(default=64, metadata={"help": "longest sampled reply, in tokens"})
+    reward_max_length: int = field(default=512, metadata={"help": "tokens the reward model reads (left truncated)"})
+    # optimisation
+    total_steps: int = field(default=1500, metadata={"help": "PPO steps (one rollout and its updates each)"})
+    rollout_batch_size: int = field(default=8, metadata={"help": "prompts per rollout, per process"})
+    num_minibatches: int = field(default=1, metadata={"help": "minibatches per PPO epoch over the rollout"})
+    learning_rate: float = field(default=5e-6, metadata={"help": "AdamW learning rate (constant)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this"})
+    # algorithm
+    ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout"})
+    clip_range: float = field(default=0.1, metadata={"help": "PPO ratio clip epsilon"})
+    clip_range_value: float = field(default=0.2, metadata={"help": "value clip around the rollout's values"})
+    value_coef: float = field(default=0.3, metadata={"help": "weight of the value loss"})
+    gamma: float = field(default=1.0, metadata={"help": "discount over reply tokens"})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    kl_coef: float = field(default=0.05, metadata={"help": "initial beta of the per-token KL penalty"})
+    adapt_kl: bool = field(default=True, metadata={"help": "adapt beta toward target_kl (Ziegler et al. 2019)"})
+    target_kl: float = field(default=0.3, metadata={"help": "target per-sequence KL (sum over reply tokens)"})
+    kl_horizon: int = field(default=10_000, metadata={"help": "adaptive KL horizon in samples (Ziegler: 10000)"})
+    entropy_coef: float = field(default=0.1, metadata={"help": "weight of (H - target_entropy)**2"})
+    target_entropy: float = field(default=1.8, metadata={"help": "target mean per-token entropy (nats)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use it too)"})
+    top_p: float = field(default=0.9, metadata={"help": "nucleus sampling threshold"})
+    # output
+    save_every: int = field(default=100, metadata={"help": "write runs/ppo/checkpoint.pt every this many steps"})
+    log_samples_every: int = field(default=100, metadata={"help": "print a table of sample replies this often"})
+    eval_prompts: int = field(default=150, metadata={"help": "held-out test prompts scored at the end (0: none)"})
+    eval_top_p: float = field(
+        default=1.0, metadata={"help": "nucleus threshold of the final evaluation (as evaluate_models.py)"}
+    )
+    eval_batch_size: int = field(default=32, metadata={"help": "prompts per batch in the final evaluation"})
+    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in runs/ppo/"})
+
+
+# Tiny: a larger rollout and learning rate, few steps (~1 minute on 2 cores). Two changes of substance:
+# target_entropy is the tiny model's own per-token entropy on its replies (~0.5 nats; the seed's 1.8 is
+# gpt2's scale and drove the tiny policy to high-entropy word salad), and beta starts at 0.2: at 0.05
+# the policy drifted to short courteous replies ("Sure!") that this reward model scores almost as high.
+TINY = dict(
+    total_steps=20,
+    rollout_batch_size=32,
+    num_minibatches=2,
+    learning_rate=2e-4,
+    kl_coef=0.2,
+    kl_horizon=1000,
+    target_entropy=0.5,
+    reward_max_length=256,
+    save_every=10,
+    log_samples_every=10,
+)
+
+RUN_NAME = "ppo"
+VALUE_HEAD_FILE = "value_head.safetensors"
+PLOT_KEYS = [
+    "objective/scores",
+    "objective/kl",
+    "objective/kl_coef",
+    "objective/entropy",
+    "ppo/pg_loss",
+    "ppo/vf_loss",
+    "ppo/clipfrac",
+    "ppo/approx_kl",
+    "response/length",
+]
+
+
+@dataclass
+class PolicyOutput(ModelOutput):
+    logits: torch.Tensor = None  # (B, T, V)
+    values: torch.Tensor = None  # (B, T)
+
+
+class PolicyWithValueHead(nn.Module):
+    """The causal LM and its value head as one module, so accelerate/DDP wraps and syncs both."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+        self.value_head = nn.Linear(policy.config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        output = self.policy(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True
+        )
+        # In transformers 5, GPT-2's hidden_states[-1] is the state after the final layer norm:
+        # the very vector lm_head reads (tests/test_ppo.py checks it).
+        values = self.value_head(output.hidden_states[-1]).squeeze(-1)  # (B, T)
+        return PolicyOutput(logits=output.logits, values=values)
+
+
+def load_value_head(folder):
+    """The value head saved beside a PPO policy (`ppo_rlhf_model/value_head.safetensors`)."""
+    state = load_file(Path(folder) / VALUE_HEAD_FILE)
+    head = nn.Linear(state["weight"].shape[1], 1)
+    head.load_state_dict(state)
+    return head
+
+
+def policy_forward(model, input_ids, attention_mask, context_length, temperature):
+    """Logits (over temperature) and values at the positions that predict each reply token: (B, R, V), (B, R)."""
+    logits, output = response_logits(model, input_ids, attention_mask, context_length, temperature)
+    return logits, output.values[:, context_length - 1 : -1].float()
+
+
+def per_token_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef):
+    """Ziegler et al. (2019) eq. 2 per token: r_t = -beta * (logp_t - ref_logp_t), plus the score at the last token.
+
+    The last token is the first EOS, or the final one when the reply has none; tokens
+    after it are masked and get nothing. Returns (rewards, kl, non_score_reward), each (B, R).
+    """
+    kl = (logprobs - ref_logprobs) * response_mask  # (B, R)
+    non_score_reward = -kl_coef * kl  # (B, R)
+    last = response_mask.sum(1) - 1  # (B,) the mask is 1 up to and including the first EOS
+    rewards = non_score_reward.clone()
+    rewards[torch.arange(len(scores), device=scores.device), last] += scores
+    return rewards, kl, non_score_reward
+
+
+def compute_gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over reply tokens: (B, R) -> (B, R).
+
+    delta_t = r_t + gamma * V_{t+1} - V_t and A_t = delta_t + gamma * lam * A_{t+1}, with
+    V = 0 after the last real token (the episode ends there).
+    """
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[:, 0])  # (B,)
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(next_advantage)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = next_advantage
+    return advantages * mask
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), a token mean. Returns (pg_loss, clipfrac, approx_kl)."""
+    log_ratio = logprobs - old_logprobs  # (B, R)
+    ratio = torch.exp(log_ratio)
+    pg_losses = -advantages * ratio
+    pg_losses_clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    pg_loss = masked_mean(torch.max(pg_losses, pg_losses_clipped), mask)
+    clipfrac = masked_mean((pg_losses_clipped > pg_losses).float(), mask)
+    approx_kl = masked_mean((ratio - 1) - log_ratio, mask)  # k3 estimator of KL(old || new), >= 0
+    return pg_loss, clipfrac.detach(), approx_kl.detach()
+
+
+def value_loss(values, old_values, returns, mask, clip_range_value):
+    """Clipped value loss (as in OpenAI baselines' PPO2 / lm-human-preferences), a token mean. Returns (vf_loss, vf_clipfrac)."""
+    values_clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    vf_losses = (values - returns) ** 2  # (B, R)
+    vf_losses_clipped = (values_clipped - returns) ** 2
+    vf_loss = 0.5 * masked_mean(torch.max(vf_losses, vf_losses_clipped), mask)
+    vf_clipfrac = masked_mean((vf_losses_clipped > vf_losses).float(), mask)
+    return vf_loss, vf_clipfrac.detach()
+
+
+@torch.no_grad()
+def evaluate(policy, ref_model, tokenizer, reward_model, rm_tokenizer, prompts, args):
+    """One sampled reply per prompt: mean score and its standard error, KL to the reference, distinct share, length.
+
+    `policy` and `ref_model` are bare causal LMs (the base model scored against itself has KL 0).
+    KL is the per-sequence sum of log pi - log pi_ref over reply tokens, as in training.
+    """
+    scores, kls, lengths, responses = [], [], [], []
+    for i in range(0, len(prompts), args.eval_batch_size):
+        samples = generate_responses(
+            policy, tokenizer, prompts[i : i + args.eval_batch_size], args.max_prompt_length, args.max_new_tokens,
+            args.temperature, args.eval_top_p,
+        )  # fmt: skip
+        context_length = samples.query_ids.shape[1]
+        logits, _ = response_logits(policy, samples.input_ids, samples.attention_mask, context_length, args.temperature)
+        ref_logits, _ = response_logits(
+            ref_model, samples.input_ids, samples.attention_mask, context_length, args.temperature
+        )
+        kl = gather_logprobs(logits, samples.response_ids) - gather_logprobs(ref_logits, samples.response_ids)
+        kls.append((kl * samples.response_mask).sum(1))  # (b,)
+        lengths.append(samples.response_mask.sum(1).float())
+        scores.append(
+            get_reward(reward_model, rm_tokenizer, samples.prompts, samples.responses, args.reward_max_length)
+        )
+        responses += samples.responses
+    scores, kls, lengths = torch.cat(scores).cpu(), torch.cat(kls).cpu(), torch.cat(lengths).cpu()
+    return {
+        "n": len(responses),
+        "score": scores.mean().item(),
+        "score_se": (scores.std() / len(scores) ** 0.5).item() if len(scores) > 1 else float("nan"),
+        "kl": kls.mean().item(),
+        "distinct_share": len(set(responses)) / len(responses),
+        "length": lengths.mean().item(),
+    }
+
+
+def sample_table(prompts, responses, scores, n=4, width=90):
+    """A few (question, reply, score) rows as plain text."""
+    lines = [f"{'score':>6}  question -> reply"]
+    for prompt, response, score in list(zip(prompts, responses, scores.tolist()))[:n]:
+        question = prompt.rsplit("Human:", 1)[-1].split("\n\nAssistant:")[0].strip()
+        lines.append(f"{score:6.2f}  {question[:40]!r} -> {response[: width - 40]!r}")
+    return "\n".join(lines)
+
+
+def main(args):
+    """Train, evaluate and save; returns the trained policy with its value head (for tests and notebooks)."""
+    check(args.total_steps > 0 and args.ppo_epochs > 0, "--total_steps and --ppo_epochs must be positive")
+    check(
+        args.num_minibatches > 0 and args.rollout_batch_size % args.num_minibatches == 0,
+        f"--rollout_batch_size ({args.rollout_batch_size}) must be a positive multiple of --num_minibatches "
+        f"({args.num_minibatches})",
+    )
+    check(
+        args.max_prompt_length > 0 and args.max_new_tokens > 0,
+        "--max_prompt_length and --max_new_tokens must be positive",
+    )
+    check(args.temperature > 0 and 0 < args.top_p <= 1, "--temperature must be > 0 and --top_p in (0, 1]")
+    check(args.target_kl > 0 and args.kl_horizon > 0, "--target_kl and --kl_horizon must be positive")
+    check(args.save_every > 0 and args.log_samples_every > 0, "--save_every and --log_samples_every must be positive")
+    check(args.eval_prompts >= 0 and args.eval_batch_size > 0, "--eval_prompts must be >= 0, --eval_batch_size > 0")
+    check(0 < args.eval_top_p <= 1, f"--eval_top_p must be in (0, 1], got {args.eval_top_p}")
+    run_dir = Path(args.work_dir) / "runs" / RUN_NAME
+    checkpoint_path = run_dir / "checkpoint.pt"
+    if args.resume:
+        check(checkpoint_path.is_file(), f"--resume: no checkpoint at {checkpoint_path}; start without --resume")
+    mini_batch_size = args.rollout_batch_size // args.num_minibatches
+
+    accelerator = make_accelerator()
+    device, is_main = accelerator.device, accelerator.is_main_process
+    set_seed(args.seed)
+
+    # data: a seeded order over the train prompts, one shuffle per pass; step s, process p reads a disjoint slice
+    data = load_processed_data(args)
+    train_prompts = list(data["train"]["prompt"])
+    global_batch = args.rollout_batch_size * accelerator.num_processes
+    passes = -(-args.total_steps * global_batch // len(train_prompts))
+    order_rng = np.random.default_rng(args.seed)
+    order = np.concatenate([order_rng.permutation(len(train_prompts)) for _ in range(passes)])
+    test = data["test"].shuffle(seed=args.seed)
+    eval_prompts = list(test.select(range(min(args.eval_prompts, len(test))))["prompt"])
+
+    # models: policy + value head (trained), reference (frozen copy of the base), reward model (frozen)
+    tokenizer = load_tokenizer(args.model)
+    model = PolicyWithValueHead(load_causal_lm(args.model, tokenizer))
+    n_positions = getattr(model.policy.config, "n_positions", None)
+    check(
+        n_positions is None or args.max_prompt_length + args.max_new_tokens <= n_positions,
+        f"--max_prompt_length + --max_new_tokens ({args.max_prompt_length + args.max_new_tokens}) exceed the "
+        f"model's {n_positions} positions",
+    )
+    ref_model = load_causal_lm(args.model, tokenizer).to(device).eval().requires_grad_(False)
+    reward_model, rm_tokenizer = load_reward_model(args.work_dir, device)
+    model.eval()  # dropout off for good: rollout and update must see the same policy
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)
+
+    start_step = 0
+    if args.resume:
+        state = load_checkpoint(checkpoint_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step, kl_ctl.value = state["step"], state["kl_coef"]
+        check(
+            start_step < args.total_steps,
+            f"--resume: {checkpoint_path} is at step {start_step} >= --total_steps {args.total_steps}: raise --total_steps",
+        )
+        print(f"resumed from {checkpoint_path} at step {start_step}")
+    elif checkpoint_path.exists() and is_main:
+        print(f"starting afresh: {checkpoint_path} from an earlier run will be overwritten (--resume continues it)")
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    logger = MetricsLogger(run_dir / "metrics.jsonl", resume_step=start_step if args.resume else None, enabled=is_main)
+    progress = tqdm(range(start_step, args.total_steps), desc="ppo", disable=not is_main)
+    for step in progress:
+        first = step * global_batch + accelerator.process_index * args.rollout_batch_size
+        prompts = [train_prompts[i] for i in order[first : first + args.rollout_batch_size]]
+
+        # 1. generate: one reply per prompt, masked after its first EOS
+        with torch.no_grad(), accelerator.autocast():
+            samples = generate_responses(
+                unwrap(model).policy, tokenizer, prompts, args.max_prompt_length, args.max_new_tokens,
+                args.temperature, args.top_p,
+            )  # fmt: skip
+        input_ids, attention_mask = samples.input_ids, samples.attention_mask  # (B, P + R)
+        response_ids, response_mask = samples.response_ids, samples.response_mask  # (B, R)
+        context_length = samples.query_ids.shape[1]
+        n_tokens = input_ids.numel()
+
+        # 2. score: the reward model reads join_conversation(prompt, reply) at its last real token
+        scores = get_reward(reward_model, rm_tokenizer, samples.prompts, samples.responses, args.reward_max_length)
+        n_tokens += input_ids.numel()  # same tokenizer family, so about the tokens of the full text
+
+        # log-probs and values of the rollout policy, log-probs of the reference, at the sampling temperature
+        with torch.no_grad():
+            logits, values = policy_forward(model, input_ids, attention_mask, context_length, args.temperature)
+            logprobs = gather_logprobs(logits, response_ids)  # (B, R)
+            entropy = masked_mean(entropy_from_logits(logits), response_mask)
+            with accelerator.autocast():
+                ref_logits, _ = response_logits(ref_model, input_ids, attention_mask, context_length, args.temperature)
+            ref_logprobs = gather_logprobs(ref_logits, response_ids)  # (B, R)
+            del logits, ref_logits
+        n_tokens += 2 * input_ids.numel()
+
+        # 3. per-token KL penalty and the score at the last token (Ziegler et al. 2019, eq. 2)
+        rewards, kl, non_score_reward = per_token_rewards(scores, logprobs, ref_logprobs, response_mask, kl_ctl.value)
+
+        # 4. GAE over reply tokens (Schulman et al. 2016); returns are the value targets, advantages get whitened
+        values = values * response_mask
+        advantages = compute_gae(rewards, values, response_mask, args.gamma, args.lam)  # (B, R)
+        returns = advantages + values  # (B, R)
+        raw_advantages_mean = masked_mean(advantages, response_mask)
+        advantages = masked_whiten(advantages, response_mask)
+
+        # 5. PPO epochs over the rollout in minibatches (Schulman et al. 2017)
+        stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy_loss")}
+        for _ in range(args.ppo_epochs):
+            for mb in torch.randperm(args.rollout_batch_size, device=device).split(mini_batch_size):
+                mb_mask = response_mask[mb]  # (b, R)
+                mb_logits, mb_values = policy_forward(
+                    model, input_ids[mb], attention_mask[mb], context_length, args.temperature
+                )  # (b, R, V), (b, R)
+                mb_logprobs = gather_logprobs(mb_logits, response_ids[mb])  # (b, R)
+                pg_loss, clipfrac, approx_kl = policy_loss(
+                    mb_logprobs, logprobs[mb], advantages[mb], mb_mask, args.clip_range
+                )
+                vf_loss, vf_clipfrac = value_loss(mb_values, values[mb], returns[mb], mb_mask, args.clip_range_value)
+                mb_entropy = masked_mean(entropy_from_logits(mb_logits), mb_mask)
+                entropy_loss = args.entropy_coef * (mb_entropy - args.target_entropy) ** 2  # the seed's term
+                loss = pg_loss + args.value_coef * vf_loss + entropy_loss
+                # a NaN/inf on any process stops them all (a reduce, so none is left waiting in backward)
+                if not torch.isfinite(accelerator.reduce(loss.detach(), "sum")):
+                    kept = (
+                        f"the last good checkpoint is {checkpoint_path}"
+                        if checkpoint_path.exists()
+                        else "no checkpoint was written yet"
+                    )
+                    raise UserError(
+                        f"non-finite loss at step {step + 1} (pg {pg_loss.item():.4g}, vf {vf_loss.item():.4g}, "
+                        f"entropy {entropy_loss.item():.4g}): stopped; {kept}; try a lower --learning_rate"
+                    )
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                n_tokens += input_ids[mb].numel()
+                for k, v in zip(stats, (pg_loss, vf_loss, clipfrac, vf_clipfrac, approx_kl, entropy_loss)):
+                    stats[k].append(v.detach())
+
+        # metrics: per-process means, then gathered; beta adapts to the mean per-sequence KL of all processes
+        local = {
+            "objective/scores": scores.mean(),
+            "objective/kl": kl.sum(1).mean(),
+            "objective/entropy": entropy,
+            "objective/non_score_reward": non_score_reward.sum(1).mean(),
+            "objective/rlhf_reward": (scores + non_score_reward.sum(1)).mean(),
+            **{f"ppo/{k}": torch.stack(v).mean() for k, v in stats.items()},
+            "ppo/returns_mean": masked_mean(returns, response_mask),
+            "ppo/advantages_mean": raw_advantages_mean,
+            "response/length": response_mask.sum(1).float().mean(),
+            "response/eos_share": (response_ids == tokenizer.eos_token_id).any(1).float().mean(),
+        }
+        gathered = accelerator.gather(torch.stack([v.float() for v in local.values()]).unsqueeze(0))  # (N, K)
+        metrics = dict(zip(local, gathered.mean(0).tolist()))
+        all_responses = gather_object(samples.responses)
+        metrics["response/distinct_share"] = len(set(all_responses)) / len(all_responses)
+        metrics["objective/kl_coef"] = kl_ctl.value
+        tokens = accelerator.reduce(torch.tensor(float(n_tokens), device=device), "sum")
+        logger.add_tokens(tokens.item())
+        logger.log(step + 1, metrics)
+        if args.adapt_kl:
+            kl_ctl.update(metrics["objective/kl"], global_batch)
+        progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+        if is_main and (step + 1) % args.log_samples_every == 0:
+            tqdm.write(f"step {step + 1}\n" + sample_table(samples.prompts, samples.responses, scores))
+        if (step + 1) % args.save_every == 0 or step + 1 == args.total_steps:
+            if is_main:
+                state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}
+                save_checkpoint(checkpoint_path, {**state, "step": step + 1, "kl_coef": kl_ctl.value})
+            accelerator.wait_for_everyone()
+
+    # data parallel keeps one policy: a gathered checksum shows every process holds the same weights
+    if accelerator.num_processes > 1:
+        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().unsqueeze(0)
+        sums = accelerator.gather(checksum)  # DDP averages gradients, so the weights must agree bit for bit
+        if not (sums == sums[0]).all():
+            raise RuntimeError(f"processes ended with different weights (parameter sums {sums.tolist()})")
+        if is_main:
+            print(f"weights identical on all {accelerator.num_processes} processes")
+
+    if is_main:
+        policy = unwrap(model).policy
+        results = {}
+        if eval_prompts:
+            # final eval: held-out test prompts, the trained policy against the base (= reference) model
+            results = {
+                "prompts": len(eval_prompts),
+                "ppo": evaluate(policy, ref_model, tokenizer, reward_model, rm_tokenizer, eval_prompts, args),
+                "base": evaluate(ref_model, ref_model, tokenizer, reward_model, rm_tokenizer, eval_prompts, args),
+            }
+            for name in ("base", "ppo"):
+                r = results[name]
+                print(
+                    f"eval {name:>4}: score {r['score']:.3f} +- {r['score_se']:.3f}, KL {r['kl']:.2f}, "
+                    f"distinct {r['distinct_share']:.2f}, length {r['length']:.1f} tokens ({r['n']} test prompts)"
+                )
+        plot_metrics(run_dir / "metrics.jsonl", PLOT_KEYS, run_dir / f"{RUN_NAME}_curves.png", title="PPO")
+        save_pretrained_atomic(
+            Path(args.work_dir) / PPO_DIR,
+            policy,
+            tokenizer,
+            extra={
+                VALUE_HEAD_FILE: lambda path: save_file(
+                    {k: v.detach().cpu() for k, v in unwrap(model).value_head.state_dict().items()}, path
+                ),
+                "metrics.jsonl": lambda path: shutil.copy(run_dir / "metrics.jsonl", path),
+                f"{RUN_NAME}_curves.png": lambda path: shutil.copy(run_dir / f"{RUN_NAME}_curves.png", path),
+                "args.json": lambda path: atomic_write_json(path, asdict(args)),
+                "eval_results.json": lambda path: atomic_write_json(path, results),
+            },
+        )
+        print(f"wrote {Path(args.work_dir) / PPO_DIR}")
+    accelerator.wait_for_everyone()
+    return unwrap(model)
+
+
+if __name__ == "__main__":
+    run(main, Args, TINY)

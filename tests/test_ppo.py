@@ -1,0 +1,337 @@
+"""PPO_training.py: GAE, the per-token KL reward and its EOS masking, the clipped losses, log-probs at
+sampling time, the value head, resume, a NaN stop, a tiny run that beats the base model, and two processes."""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, run_script
+
+import PPO_training as ppo
+from common import (
+    PPO_DIR,
+    PROCESSED_DIR,
+    REWARD_MODEL_DIR,
+    TINY_MODEL_DIR,
+    UserError,
+    gather_logprobs,
+    load_causal_lm,
+    load_checkpoint,
+    load_processed_data,
+    load_reward_model,
+    load_tokenizer,
+    parse_args,
+    read_metrics,
+    response_mask_from_eos,
+)
+
+# small and quick: 8 prompts per rollout in 2 minibatches, short replies, a checkpoint every step
+QUICK = ["--rollout_batch_size", 8, "--num_minibatches", 2, "--max_new_tokens", 12, "--eval_prompts", 4]
+STEP_KEYS = [
+    "objective/scores",
+    "objective/kl",
+    "objective/kl_coef",
+    "objective/entropy",
+    "objective/non_score_reward",
+    "ppo/pg_loss",
+    "ppo/vf_loss",
+    "ppo/clipfrac",
+    "ppo/vf_clipfrac",
+    "ppo/approx_kl",
+    "ppo/entropy_loss",
+    "ppo/returns_mean",
+    "ppo/advantages_mean",
+    "response/length",
+    "response/eos_share",
+    "response/distinct_share",
+    "tokens/processed",
+    "time/elapsed_s",
+]
+
+
+@pytest.fixture
+def work(tiny_reward_dir, tmp_path):
+    """A fresh work dir that shares the session's processed data and reward model."""
+    for name in (PROCESSED_DIR, REWARD_MODEL_DIR):
+        (tmp_path / name).symlink_to(tiny_reward_dir / name)
+    return tmp_path
+
+
+def tiny_args(work, *argv):
+    return parse_args(ppo.Args, ppo.TINY, ["--preset", "tiny", "--work_dir", str(work), *map(str, argv)])
+
+
+def tiny_policy():
+    tokenizer = load_tokenizer(str(TINY_MODEL_DIR))
+    return ppo.PolicyWithValueHead(load_causal_lm(str(TINY_MODEL_DIR), tokenizer)).eval(), tokenizer
+
+
+# --- GAE ---------------------------------------------------------------------------------------
+
+
+def test_gae_by_hand_with_a_reply_that_ends_early():
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 99.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7], [1.0, 1.0, 5.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])  # row 2 ends (EOS) at index 1: its index 2 must not count
+    advantages = ppo.compute_gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    # row 1: deltas 0 + .9*.6 - .5 = .04, 0 + .9*.7 - .6 = .03, 1 - .7 = .3; gamma*lam = .72
+    #   A2 = .3, A1 = .03 + .72*.3 = .246, A0 = .04 + .72*.246 = .21712
+    # row 2: deltas 0 + .9*1 - 1 = -.1, 2 + 0 - 1 = 1 (V after the last token is 0); A1 = 1, A0 = -.1 + .72 = .62
+    expected = torch.tensor([[0.21712, 0.246, 0.3], [0.62, 1.0, 0.0]])
+    torch.testing.assert_close(advantages, expected)
+
+
+def test_gae_matches_a_naive_sum_of_discounted_deltas():
+    torch.manual_seed(0)
+    rewards, values = torch.randn(4, 7), torch.randn(4, 7)
+    lengths = [7, 1, 4, 6]
+    mask = (torch.arange(7) < torch.tensor(lengths)[:, None]).long()
+    gamma, lam = 0.95, 0.9
+    advantages = ppo.compute_gae(rewards, values, mask, gamma, lam)
+    for i, n in enumerate(lengths):
+        r, v = rewards[i, :n].tolist(), values[i, :n].tolist() + [0.0]
+        deltas = [r[t] + gamma * v[t + 1] - v[t] for t in range(n)]
+        for t in range(7):
+            want = sum((gamma * lam) ** k * deltas[t + k] for k in range(n - t)) if t < n else 0.0
+            assert advantages[i, t].item() == pytest.approx(want, abs=1e-5)
+
+
+# --- per-token KL reward, masked after EOS ---------------------------------------------------------
+
+
+def test_kl_penalty_on_every_reply_token_and_the_score_at_the_first_eos():
+    eos = 0
+    # row 1 stops at its first EOS (index 2), then padding (= EOS); row 2 never emits EOS
+    response_ids = torch.tensor([[5, 6, eos, eos, eos], [5, 6, 7, 8, 9]])
+    mask = response_mask_from_eos(response_ids, eos)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5, -3.0, -3.0], [-1.0, -1.0, -1.0, -1.0, -1.0]])
+    ref_logprobs = torch.tensor([[-1.5, -1.0, -0.5, -9.0, -9.0], [-2.0, -1.0, -3.0, -1.0, -0.5]])
+    scores, beta = torch.tensor([2.0, -1.0]), 0.1
+    rewards, kl, non_score_reward = ppo.per_token_rewards(scores, logprobs, ref_logprobs, mask, beta)
+    torch.testing.assert_close(kl, torch.tensor([[0.5, -1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 2.0, 0.0, -0.5]]))
+    torch.testing.assert_close(non_score_reward, -beta * kl)
+    expected = torch.tensor([[-0.05, 0.1, 0.0 + 2.0, 0.0, 0.0], [-0.1, 0.0, -0.2, 0.0, 0.05 - 1.0]])
+    torch.testing.assert_close(rewards, expected)
+
+
+# --- the clipped losses --------------------------------------------------------------------------
+
+
+def test_clipped_policy_loss_against_a_per_token_loop():
+    torch.manual_seed(1)
+    old = torch.randn(3, 5) - 2
+    new = (old + 0.3 * torch.randn(3, 5)).requires_grad_()
+    advantages = torch.randn(3, 5)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
+    eps = 0.1
+    pg_loss, clipfrac, approx_kl = ppo.policy_loss(new, old, advantages, mask, eps)
+    losses, clipped, kls = [], [], []
+    for i, j in mask.nonzero().tolist():
+        ratio = math.exp(new[i, j].item() - old[i, j].item())
+        a = advantages[i, j].item()
+        unclipped, clip = -a * ratio, -a * min(max(ratio, 1 - eps), 1 + eps)
+        losses.append(max(unclipped, clip))
+        clipped.append(clip > unclipped)
+        kls.append(ratio - 1 - math.log(ratio))
+    assert pg_loss.item() == pytest.approx(sum(losses) / len(losses), abs=1e-6)
+    assert clipfrac.item() == pytest.approx(sum(clipped) / len(clipped))
+    assert approx_kl.item() == pytest.approx(sum(kls) / len(kls), abs=1e-6)
+    assert 0 < clipfrac < 1
+    # where the clipped branch wins the gradient is zero; padding gets none either
+    pg_loss.backward()
+    for i, j in mask.nonzero().tolist():
+        ratio = math.exp(new[i, j].item() - old[i, j].item())
+        a = advantages[i, j].item()
+        if -a * min(max(ratio, 1 - eps), 1 + eps) > -a * ratio:
+            assert new.grad[i, j] == 0
+        else:
+            assert new.grad[i, j].item() == pytest.approx(-a * ratio / len(losses), rel=1e-5)
+    assert (new.grad[mask == 0] == 0).all()
+
+
+def test_clipped_value_loss_against_a_per_token_loop():
+    torch.manual_seed(2)
+    old_values, returns = torch.randn(2, 6), torch.randn(2, 6)
+    values = old_values + 0.5 * torch.randn(2, 6)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    clip = 0.2
+    vf_loss, vf_clipfrac = ppo.value_loss(values, old_values, returns, mask, clip)
+    losses, clipped = [], []
+    for i, j in mask.nonzero().tolist():
+        v, old, ret = values[i, j].item(), old_values[i, j].item(), returns[i, j].item()
+        v_clipped = old + min(max(v - old, -clip), clip)
+        losses.append(0.5 * max((v - ret) ** 2, (v_clipped - ret) ** 2))
+        clipped.append((v_clipped - ret) ** 2 > (v - ret) ** 2)
+    assert vf_loss.item() == pytest.approx(sum(losses) / len(losses), abs=1e-6)
+    assert vf_clipfrac.item() == pytest.approx(sum(clipped) / len(clipped))
+
+
+# --- the policy module ------------------------------------------------------------------------------
+
+
+def test_logprobs_recomputed_from_a_generated_sequence_equal_those_at_sampling_time():
+    model, tokenizer = tiny_policy()
+    prompts = [
+        "\n\nHuman: Any advice on roses?\n\nAssistant:",
+        "\n\nHuman: Hi! I'm struggling with a new language, what should I do?\n\nAssistant: How much time do "
+        "you have?\n\nHuman: An hour a day.\n\nAssistant:",
+        "\n\nHuman: How do I get started with Python?\n\nAssistant:",
+    ]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    assert (enc["attention_mask"] == 0).any()  # left padding is exercised
+    temperature, context_length = 0.7, enc["input_ids"].shape[1]
+    torch.manual_seed(0)
+    out = model.policy.generate(
+        **enc, do_sample=True, top_k=0, temperature=temperature, max_new_tokens=24,
+        output_logits=True, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    response_ids = out.sequences[:, context_length:]  # (B, R)
+    mask = response_mask_from_eos(response_ids, tokenizer.eos_token_id)
+    sampled = gather_logprobs(torch.stack(out.logits, 1) / temperature, response_ids)  # raw logits, tempered
+    attention_mask = torch.cat([enc["attention_mask"], mask], 1)
+    with torch.no_grad():
+        logits, values = ppo.policy_forward(model, out.sequences, attention_mask, context_length, temperature)
+    recomputed = gather_logprobs(logits, response_ids)
+    assert values.shape == response_ids.shape
+    torch.testing.assert_close(recomputed[mask.bool()], sampled[mask.bool()], atol=1e-5, rtol=0)
+
+
+def test_value_head_reads_the_state_lm_head_reads():
+    """transformers 5: GPT-2's hidden_states[-1] is after the final layer norm (what the docstring says)."""
+    model, _ = tiny_policy()
+    ids = torch.randint(1, 1000, (2, 9))
+    out = model.policy(input_ids=ids, output_hidden_states=True)
+    torch.testing.assert_close(model.policy.lm_head(out.hidden_states[-1]), out.logits)
+    assert (model.value_head.weight == 0).all() and (model.value_head.bias == 0).all()  # starts at zero
+
+
+# --- the script -----------------------------------------------------------------------------------
+
+
+def test_bad_settings_fail_with_one_line(work):
+    with pytest.raises(UserError, match="--num_minibatches"):
+        ppo.main(tiny_args(work, "--rollout_batch_size", 8, "--num_minibatches", 3))
+    with pytest.raises(UserError, match="exceed the model's 512 positions"):
+        ppo.main(tiny_args(work, "--max_prompt_length", 500, "--max_new_tokens", 64))
+    with pytest.raises(UserError, match="--resume: no checkpoint"):
+        ppo.main(tiny_args(work, "--resume"))
+
+
+def weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors") | {
+        f"value_head.{k}": v for k, v in load_file(folder / ppo.VALUE_HEAD_FILE).items()
+    }
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly_where_the_run_stopped(work, tmp_path_factory):
+    straight = tmp_path_factory.mktemp("straight")
+    for name in (PROCESSED_DIR, REWARD_MODEL_DIR):
+        (straight / name).symlink_to(work / name)
+    ppo.main(tiny_args(straight, "--total_steps", 4, *QUICK))
+    ppo.main(tiny_args(work, "--total_steps", 2, *QUICK))
+    with pytest.raises(UserError, match="at step 2 >= --total_steps 2"):
+        ppo.main(tiny_args(work, "--total_steps", 2, "--resume", *QUICK))
+    ppo.main(tiny_args(work, "--total_steps", 4, "--resume", *QUICK))
+
+    resumed, reference = weights(work / PPO_DIR), weights(straight / PPO_DIR)
+    for name in reference:
+        torch.testing.assert_close(resumed[name], reference[name], msg=name)
+    records, straight_records = (read_metrics(w / PPO_DIR / "metrics.jsonl") for w in (work, straight))
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for a, b in zip(records, straight_records):
+        for key in ("objective/scores", "objective/kl", "objective/kl_coef", "ppo/pg_loss", "tokens/processed"):
+            assert a[key] == pytest.approx(b[key]), key
+
+
+@pytest.mark.slow
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(work, monkeypatch):
+    calls = []
+    policy_loss = ppo.policy_loss
+
+    def nan_from_step_2(*args):  # 2 epochs x 2 minibatches = 4 calls per step
+        calls.append(1)
+        pg_loss, clipfrac, approx_kl = policy_loss(*args)
+        return (pg_loss * float("nan") if len(calls) > 4 else pg_loss), clipfrac, approx_kl
+
+    monkeypatch.setattr(ppo, "policy_loss", nan_from_step_2)
+    with pytest.raises(UserError, match=r"non-finite loss at step 2 .* the last good checkpoint is .*checkpoint.pt"):
+        ppo.main(tiny_args(work, "--total_steps", 3, "--save_every", 1, *QUICK))
+    state = load_checkpoint(work / "runs" / "ppo" / "checkpoint.pt")
+    assert state["step"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not (work / PPO_DIR).exists()
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_its_folder_and_beats_the_base_model(work):
+    """The tiny preset as the pipeline runs it, then the saved policy against base on 150 held-out test prompts."""
+    run_script("PPO_training.py", "--preset", "tiny", "--work_dir", work)
+    folder = work / PPO_DIR
+    for name in ("config.json", "model.safetensors", "tokenizer.json", ppo.VALUE_HEAD_FILE, "ppo_curves.png"):
+        assert (folder / name).is_file(), name
+    assert json.loads((folder / "args.json").read_text())["total_steps"] == ppo.TINY["total_steps"]
+    records = read_metrics(folder / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, ppo.TINY["total_steps"] + 1))
+    for record in records:
+        assert set(STEP_KEYS) <= set(record), set(STEP_KEYS) - set(record)
+    assert records[-1]["objective/kl_coef"] != ppo.Args.kl_coef  # the adaptive controller moved beta
+
+    # the value head saved beside the policy loads, and is the trained one of the final checkpoint
+    head = ppo.load_value_head(folder)
+    checkpoint = torch.load(work / "runs" / "ppo" / "checkpoint.pt", weights_only=False)["model"]
+    torch.testing.assert_close(head.weight, checkpoint["value_head.weight"])
+    assert head.weight.abs().sum() > 0
+
+    # the saved folder, reloaded, against the base model (the check of the issue), independently of the run
+    args = tiny_args(work)
+    prompts = list(load_processed_data(args)["test"].shuffle(seed=args.seed)["prompt"])[:150]
+    tokenizer = load_tokenizer(args.model)
+    base = load_causal_lm(args.model, tokenizer).eval()
+    tuned = load_causal_lm(str(folder), tokenizer).eval()
+    reward_model, rm_tokenizer = load_reward_model(work, "cpu")
+    torch.manual_seed(1234)
+    results = {
+        name: ppo.evaluate(model, base, tokenizer, reward_model, rm_tokenizer, prompts, args)
+        for name, model in (("base", base), ("ppo", tuned))
+    }
+    print(json.dumps(results, indent=1))
+    base, tuned = results["base"], results["ppo"]
+    assert tuned["score"] - base["score"] > 3 * math.hypot(base["score_se"], tuned["score_se"])
+    assert math.isfinite(tuned["kl"]) and tuned["kl"] > 0
+    assert tuned["distinct_share"] >= 0.5
+    assert tuned["length"] >= 0.5 * base["length"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_end_with_identical_weights(work):
+    """`accelerate launch --num_processes 2 --cpu` starts one process in accelerate 1.x (its simple
+    launcher); `--multi_gpu` with ACCELERATE_USE_CPU=1 starts two CPU processes (gloo). The script
+    itself gathers a parameter checksum at the end and fails if the processes disagree."""
+    launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    argv = ["--preset", "tiny", "--work_dir", work, "--total_steps", 2, *QUICK]
+    proc = subprocess.run(
+        [sys.executable, *launch, "--main_process_port", str(free_port()), str(REPO / "PPO_training.py")]
+        + list(map(str, argv)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "weights identical on all 2 processes" in proc.stdout
+    assert [r["step"] for r in read_metrics(work / PPO_DIR / "metrics.jsonl")] == [1, 2]
