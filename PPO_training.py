@@ -179,9 +179,13 @@ class PolicyWithValueHead(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids, attention_mask, position_ids):
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep=0):
         output = self.policy(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=True,
+            logits_to_keep=logits_to_keep,  # logits for the reply positions only; values for every position
         )
         # In transformers 5, GPT-2's hidden_states[-1] is the state after the final layer norm:
         # the very vector lm_head reads (tests/test_ppo.py checks it).

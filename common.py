@@ -412,8 +412,11 @@ def response_logits(model, input_ids, attention_mask, context_length, temperatur
     Position t of the result is the distribution the model used for token
     `context_length + t`, divided by the sampling temperature. Returns (logits, output).
     """
-    output = forward(model, input_ids, attention_mask, **kwargs)
-    return output.logits[:, context_length - 1 : -1] / temperature, output
+    # logits_to_keep: the LM head runs only on the positions we read, not on the whole
+    # prompt (for gpt2 that is 50257 floats saved per prompt token).
+    keep = input_ids.shape[1] - context_length + 1
+    output = forward(model, input_ids, attention_mask, logits_to_keep=keep, **kwargs)
+    return output.logits[:, :-1] / temperature, output
 
 
 def last_token_index(attention_mask):
@@ -498,6 +501,7 @@ def generate_responses(
     once and expanded to `num_return_sequences` samples inside `generate`.
     """
     device = next(unwrap(model).parameters()).device
+    prompts = list(prompts)  # a datasets 5 column is a lazy object the tokenizer refuses
     enc = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_length)
     enc = {k: v.to(device) for k, v in enc.items()}
     sampling = (
@@ -551,7 +555,7 @@ def reward_scores(reward_model, input_ids, attention_mask):
 def get_reward(reward_model, tokenizer, prompts, responses, max_length, batch_size=32):
     """Score `join_conversation(prompt, response)` texts exactly as the reward model was trained: (N,)."""
     device = next(reward_model.parameters()).device
-    texts = [join_conversation(p, r) for p, r in zip(prompts, responses)]
+    texts = [join_conversation(p, r) for p, r in zip(list(prompts), list(responses))]
     scores = []
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(
