@@ -19,6 +19,7 @@ import gzip
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import sys
@@ -90,6 +91,9 @@ def parse_args(args_cls, tiny=None, argv=None):
     values exit with status 2 and a one-line message naming them.
     """
     parser = _Parser(args_cls)
+    for action in parser._actions:  # argparse %-formats help texts: a literal "95%" must be "95%%"
+        if action.help:
+            action.help = re.sub(r"%(?!\()", "%%", action.help)
     argv = sys.argv[1:] if argv is None else list(argv)
     peek = argparse.ArgumentParser(add_help=False)
     peek.add_argument("--preset", default="gpt2")

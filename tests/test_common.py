@@ -235,3 +235,16 @@ def test_adaptive_kl_controller_moves_beta_toward_the_target():
     assert ctl.value == pytest.approx(0.05 * (1 + 0.2 * 10 / 100))
     ctl.update(current_kl=0.0, n_steps=10)  # clipped to -0.2
     assert ctl.value == pytest.approx(0.05 * 1.02 * 0.98)
+
+
+def test_a_percent_sign_in_help_text_does_not_break_help(capsys):
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class Args(CommonArgs):
+        level: float = field(default=0.95, metadata={"help": "a 95% interval"})
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(Args, {}, ["--help"])
+    assert exc.value.code == 0
+    assert "a 95% interval (default: 0.95)" in " ".join(capsys.readouterr().out.split())

@@ -1,0 +1,269 @@
+"""evaluate_models.py: the KL estimate, the summary maths, the xlsx/JSONL writers, and tiny end-to-end runs."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import run_script
+from datasets import load_from_disk
+from transformers import AutoModelForCausalLM
+
+import common
+from common import DPO_DIR, GRPO_BEST_DIR, PPO_DIR, PROCESSED_DIR, REWARD_MODEL_DIR, UserError, parse_args
+from evaluate_models import (
+    TINY,
+    Args,
+    bootstrap_ci,
+    main,
+    results_table,
+    sequence_kl,
+    summarize,
+    training_cost,
+    write_jsonl,
+    write_xlsx,
+)
+
+BASE = common.TINY_MODEL_DIR
+CONTROL = "\x07\x1b"  # BEL and ESC: characters a worksheet cannot store
+
+
+def make_policy(folder, noise=0.0, seed=0, metrics=None):
+    """A policy folder: the tiny base model (perturbed by `noise` when given) and a metrics.jsonl."""
+    if noise:
+        model = AutoModelForCausalLM.from_pretrained(BASE)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(noise * torch.randn_like(p))
+        model.save_pretrained(folder)
+        common.load_tokenizer(BASE).save_pretrained(folder)
+    else:
+        shutil.copytree(BASE, folder)
+    if metrics is not None:
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
+    return folder
+
+
+def cost_record(step, seconds, tokens, mb):
+    return {"step": step, "time/elapsed_s": seconds, "tokens/processed": tokens, "mem/peak_mb": mb}
+
+
+@pytest.fixture(scope="module")
+def eval_work(tiny_reward_dir, tmp_path_factory):
+    """A work dir with the session's reward model and its test prompts, each with control characters in it."""
+    work = tmp_path_factory.mktemp("eval_work")
+    (work / REWARD_MODEL_DIR).symlink_to(tiny_reward_dir / REWARD_MODEL_DIR)
+    data = load_from_disk(str(tiny_reward_dir / PROCESSED_DIR))
+    data["test"] = data["test"].map(lambda ex: {"prompt": ex["prompt"].replace("Human: ", f"Human: {CONTROL}", 1)})
+    data.save_to_disk(str(work / PROCESSED_DIR))
+    shutil.copy(tiny_reward_dir / PROCESSED_DIR / "stats.json", work / PROCESSED_DIR / "stats.json")
+    return work
+
+
+# --- the maths, against independent computations -------------------------------------------
+
+
+def test_sequence_kl_matches_a_per_sequence_loop_without_padding():
+    tokenizer = common.load_tokenizer(BASE)
+    base = common.load_causal_lm(str(BASE), tokenizer).eval()
+    policy = common.load_causal_lm(str(BASE), tokenizer).eval()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    prompts = ["\n\nHuman: Hi\n\nAssistant:", "\n\nHuman: How do I boil an egg, and for how long?\n\nAssistant:"]
+    temperature = 0.7
+    torch.manual_seed(0)
+    samples = common.generate_responses(policy, tokenizer, prompts, 64, 12, temperature=temperature)
+    kl = sequence_kl(policy, base, samples, temperature)
+
+    for i in range(len(prompts)):
+        # the same sequence alone: no padding, default positions, log-softmax by hand
+        query = samples.query_ids[i][samples.query_mask[i].bool()]
+        response = samples.response_ids[i][samples.response_mask[i].bool()]
+        ids = torch.cat([query, response])[None]
+        with torch.no_grad():
+            logp = torch.log_softmax(policy(ids).logits[0] / temperature, -1)
+            ref_logp = torch.log_softmax(base(ids).logits[0] / temperature, -1)
+        expected = sum(
+            (logp[len(query) + t - 1, tok] - ref_logp[len(query) + t - 1, tok]).item() for t, tok in enumerate(response)
+        )
+        assert kl[i].item() == pytest.approx(expected, abs=1e-4)
+    assert sequence_kl(base, base, samples, temperature).abs().max().item() == 0.0
+
+
+def test_bootstrap_interval_matches_the_normal_approximation():
+    values = np.random.default_rng(0).normal(3.0, 2.0, size=400)
+    low, high = bootstrap_ci(values, 4000, seed=0)
+    half = 1.96 * values.std(ddof=1) / math.sqrt(len(values))
+    assert low < values.mean() < high
+    assert (high - low) / 2 == pytest.approx(half, rel=0.1)
+    assert bootstrap_ci([1.5] * 10, 100, seed=0) == (1.5, 1.5)
+
+
+def test_summary_against_hand_values(tmp_path):
+    results = {
+        "base": {"response": ["a", "a", "b"], "reward": [0.0, 1.0, 2.0], "kl": [], "length": [1, 2, 3]},
+        "ppo": {"response": ["x", "x", "x"], "reward": [1.0, 1.0, 1.0], "kl": [0.5, 1.5, 1.0], "length": [4, 4, 4]},
+    }
+    costs = {"ppo": {"train_time_s": 12.5, "train_tokens": 1000, "train_peak_mb": 300.0}}
+    args = parse_args(Args, TINY, ["--preset", "tiny", "--bootstrap_samples", "50"])
+    summary = summarize(results, costs, args).set_index("model")
+    assert summary.loc["base", "reward_mean"] == 1.0 and summary.loc["ppo", "reward_mean"] == 1.0
+    assert summary.loc["ppo", "beats_base_share"] == pytest.approx(1 / 3)  # 1 > 0 only; a tie is no win
+    assert math.isnan(summary.loc["base", "beats_base_share"])
+    assert summary.loc["ppo", "kl_mean"] == 1.0 and summary.loc["base", "kl_mean"] == 0.0
+    assert summary.loc["base", "distinct_share"] == pytest.approx(2 / 3)
+    assert summary.loc["ppo", "distinct_share"] == pytest.approx(1 / 3)
+    assert summary.loc["base", "length_mean"] == 2.0
+    assert summary.loc["ppo", "train_tokens"] == 1000 and pd.isna(summary.loc["base", "train_tokens"])
+    table = results_table(["p1", "p2", "p3"], results)
+    assert list(table.columns) == ["prompt", "base_response", "base_reward", "ppo_response", "ppo_reward", "ppo_kl"]
+
+
+def test_training_cost_reads_the_last_record(tmp_path, capsys):
+    make_policy(tmp_path / "p", metrics=[cost_record(0, 1.0, 10, 5.0), cost_record(5, 9.5, 800, 7.5)])
+    assert training_cost(tmp_path / "p") == {"train_time_s": 9.5, "train_tokens": 800, "train_peak_mb": 7.5}
+    assert training_cost(tmp_path / "missing") == {}
+    assert "no training cost" in capsys.readouterr().out
+
+
+def test_control_characters_escaped_in_the_xlsx_and_kept_in_the_jsonl(tmp_path):
+    raw = "ok\x00\x07bell\x1b[31m red\ttab\nnew line"
+    results = {"base": {"response": [raw], "reward": [0.25], "kl": [], "length": [7]}}
+    args = parse_args(Args, TINY, ["--preset", "tiny", "--bootstrap_samples", "10"])
+    write_xlsx(tmp_path / "r.xlsx", results_table([f"prompt{CONTROL}"], results), summarize(results, {}, args))
+    write_jsonl(tmp_path / "r.jsonl", [3], [f"prompt{CONTROL}"], results)
+    sheet = pd.read_excel(tmp_path / "r.xlsx", sheet_name="results")
+    assert sheet.loc[0, "base_response"] == "ok\\x00\\x07bell\\x1b[31m red\ttab\nnew line"
+    assert sheet.loc[0, "prompt"] == "prompt\\x07\\x1b"
+    record = json.loads((tmp_path / "r.jsonl").read_text())
+    assert record == {"test_index": 3, "prompt": f"prompt{CONTROL}", "base_response": raw, "base_reward": 0.25, "base_length": 7}  # fmt: skip
+    # a rerun keeps the earlier results beside the new ones, and leaves no temporary file
+    write_jsonl(tmp_path / "r.jsonl", [3], ["again"], results)
+    assert json.loads((tmp_path / "r.prev.jsonl").read_text())["prompt"] == f"prompt{CONTROL}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.jsonl", "r.prev.jsonl", "r.xlsx"]
+
+
+# --- tiny end-to-end ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_evaluate_end_to_end_tiny(eval_work):
+    """PPO = a copy of base (KL 0, same replies and rewards), GRPO and DPO = perturbed copies."""
+    make_policy(eval_work / PPO_DIR, metrics=[cost_record(10, 30.0, 5000, 400.0)])
+    make_policy(eval_work / GRPO_BEST_DIR, noise=0.02, seed=1, metrics=[cost_record(10, 60.0, 9000, 450.0)])
+    make_policy(eval_work / DPO_DIR, noise=0.03, seed=2)  # no metrics.jsonl: cost left empty, said so
+    proc = run_script("evaluate_models.py", "--preset", "tiny", "--work_dir", eval_work, "--num_prompts", 40)
+    assert "evaluating base and ppo, grpo, dpo on 40 test prompts" in proc.stdout
+    assert "no training cost" in proc.stdout
+    assert "reward_mean" in proc.stdout  # the summary table is printed
+
+    sheets = pd.read_excel(eval_work / "rlhf_eval_results_with_base.xlsx", sheet_name=None, keep_default_na=False)
+    assert list(sheets) == ["results", "summary"]
+    table = sheets["results"]
+    assert list(table.columns) == [
+        "prompt", "base_response", "base_reward", "ppo_response", "ppo_reward", "ppo_kl",
+        "grpo_response", "grpo_reward", "grpo_kl", "dpo_response", "dpo_reward", "dpo_kl",
+    ]  # fmt: skip
+    assert len(table) == 40
+    assert list(sheets["summary"].columns) == [
+        "model", "reward_mean", "reward_ci_low", "reward_ci_high", "beats_base_share", "kl_mean",
+        "distinct_share", "length_mean", "train_time_s", "train_tokens", "train_peak_mb",
+    ]  # fmt: skip
+    summary = pd.read_excel(eval_work / "rlhf_eval_results_with_base.xlsx", sheet_name="summary").set_index("model")
+    assert list(summary.index) == ["base", "ppo", "grpo", "dpo"]
+    assert summary.loc["grpo", "train_tokens"] == 9000 and math.isnan(summary.loc["dpo", "train_time_s"])
+    for name in ("rewards_boxplot", "reward_vs_kl", "cost"):
+        assert (eval_work / f"rlhf_eval_{name}.png").stat().st_size > 5000
+
+    # a copy of base, sampled under the same seed, is base: same replies, same rewards, KL 0
+    assert (table["ppo_response"] == table["base_response"]).all()
+    np.testing.assert_allclose(table["ppo_reward"], table["base_reward"], atol=1e-6)
+    assert table["ppo_kl"].abs().max() < 1e-4
+    # a perturbed copy drifts: a positive mean KL (the per-sample estimate may dip below 0)
+    assert summary.loc["dpo", "kl_mean"] > summary.loc["grpo", "kl_mean"] > 0.1
+
+    # the JSONL is lossless: the prompts exactly as in the test split, control characters included
+    records = [json.loads(line) for line in (eval_work / "rlhf_eval_responses.jsonl").read_text().splitlines()]
+    test = load_from_disk(str(eval_work / PROCESSED_DIR))["test"]
+    assert [r["prompt"] for r in records] == [test[r["test_index"]]["prompt"] for r in records]
+    assert all(CONTROL in r["prompt"] for r in records)
+    assert all("\\x07\\x1b" in p and CONTROL not in p for p in table["prompt"])
+    assert [r["grpo_response"] for r in records] == list(table["grpo_response"])
+    np.testing.assert_allclose([r["dpo_kl"] for r in records], table["dpo_kl"], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_missing_policies_are_reported_and_left_out(eval_work, tmp_path, capsys):
+    work = tmp_path / "w"
+    work.mkdir()
+    for name in (PROCESSED_DIR, REWARD_MODEL_DIR):
+        (work / name).symlink_to(eval_work / name)
+    make_policy(work / GRPO_BEST_DIR)
+    argv = ["--preset", "tiny", "--work_dir", str(work), "--num_prompts", "8", "--bootstrap_samples", "100"]
+    main(parse_args(Args, TINY, argv))
+    out = capsys.readouterr().out
+    assert f"{work / PPO_DIR} not found: ppo is left out of the evaluation" in out
+    assert f"{work / DPO_DIR} not found: dpo is left out of the evaluation" in out
+    table = pd.read_excel(work / "rlhf_eval_results_with_base.xlsx", sheet_name="results")
+    assert list(table.columns) == ["prompt", "base_response", "base_reward", "grpo_response", "grpo_reward", "grpo_kl"]
+    # a rerun gives the same table (and keeps the first one as .prev)
+    main(parse_args(Args, TINY, argv))
+    again = pd.read_excel(work / "rlhf_eval_results_with_base.xlsx", sheet_name="results")
+    pd.testing.assert_frame_equal(table, again)
+    assert (work / "rlhf_eval_results_with_base.prev.xlsx").is_file()
+
+
+def test_more_prompts_than_the_test_split_says_so(eval_work, tmp_path, capsys):
+    work = tmp_path / "w"
+    work.mkdir()
+    for name in (PROCESSED_DIR, REWARD_MODEL_DIR):
+        (work / name).symlink_to(eval_work / name)
+    n = len(load_from_disk(str(work / PROCESSED_DIR))["test"])
+    argv = [
+        "--preset",
+        "tiny",
+        "--work_dir",
+        str(work),
+        "--num_prompts",
+        str(n + 5),
+        "--max_new_tokens",
+        "4",
+        "--batch_size",
+        "300",
+    ]
+    main(parse_args(Args, TINY, [*argv, "--bootstrap_samples", "10"]))
+    assert f"the test split holds only {n} prompts: evaluating all of them" in capsys.readouterr().out
+    assert len(pd.read_excel(work / "rlhf_eval_results_with_base.xlsx")) == n
+
+
+def test_help_lists_every_field_with_its_default():
+    out = run_script("evaluate_models.py", "--help").stdout
+    for name in Args.__dataclass_fields__:
+        assert f"--{name}" in out
+    assert "(default: 150)" in out and "(default: 10000)" in out
+
+
+def test_missing_reward_model_is_a_one_line_error(eval_work, tmp_path):
+    (tmp_path / PROCESSED_DIR).symlink_to(eval_work / PROCESSED_DIR)
+    proc = run_script("evaluate_models.py", "--preset", "tiny", "--work_dir", tmp_path, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {tmp_path / REWARD_MODEL_DIR} not found: train it first with "
+        f"`python reward_model_training.py --work_dir {tmp_path}`"
+    ]
+
+
+def test_missing_data_and_bad_flags_fail_at_start(eval_work, tmp_path):
+    with pytest.raises(UserError, match="processed_data not found: build it first with `python data_process.py"):
+        main(parse_args(Args, TINY, ["--preset", "tiny", "--work_dir", str(tmp_path)]))
+    with pytest.raises(UserError, match="--top_p must be in"):
+        main(parse_args(Args, TINY, ["--preset", "tiny", "--work_dir", str(tmp_path), "--top_p", "0"]))
+    with pytest.raises(UserError, match="--max_prompt_length \\+ --max_new_tokens must fit"):
+        argv = ["--preset", "tiny", "--work_dir", str(eval_work), "--max_new_tokens", "1000"]
+        main(parse_args(Args, TINY, argv))

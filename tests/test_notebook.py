@@ -1,0 +1,256 @@
+"""judge.py against a local OpenAI-compatible server, and analysis_notebook.ipynb executed headless.
+
+The server (http.server in a thread on 127.0.0.1) implements POST /v1/chat/completions;
+the judge talks to it through the real `openai` client. It answers "A" when reply A is
+at least as long as reply B, else "B", unless the test queued a status code (429, 500,
+401) or a literal answer for the next request.
+"""
+
+import json
+import math
+import shutil
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import nbformat
+import openai
+import pytest
+from conftest import REPO, run_script
+from nbclient import NotebookClient
+
+import judge
+from common import DPO_DIR, PPO_DIR, PROCESSED_DIR, REWARD_MODEL_DIR
+from judge import Judge, cache_key, pair_outcome, wilson_interval, win_rates
+
+API_KEY = "sk-test-do-not-leak-7f3a9c"
+
+
+class FakeOpenAI:
+    def __init__(self):
+        self.queue, self.requests = [], []  # queued actions; (time, Authorization header, request body)
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append((time.monotonic(), self.headers.get("Authorization"), body))
+                action = fake.queue.pop(0) if fake.queue else None
+                if self.path != "/v1/chat/completions":
+                    self.reply(404, {"error": {"message": f"no route {self.path}"}})
+                elif isinstance(action, int):
+                    self.reply(action, {"error": {"message": f"scripted {action}", "type": "test", "code": action}})
+                else:
+                    answer = action if isinstance(action, str) else fake.answer(body)
+                    message = {"role": "assistant", "content": answer}
+                    choice = {"index": 0, "message": message, "finish_reason": "stop"}
+                    usage = {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11}
+                    self.reply(200, {"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
+                                     "choices": [choice], "usage": usage})  # fmt: skip
+
+            def reply(self, status, payload):
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):  # keep the test output quiet
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    @staticmethod
+    def answer(body):
+        text = body["messages"][1]["content"]
+        reply_a = text.split("[Reply A]\n", 1)[1].split("\n\n[Reply B]\n", 1)[0]
+        reply_b = text.split("\n\n[Reply B]\n", 1)[1].rsplit("\n\nBetter reply", 1)[0]
+        return "A" if len(reply_a) >= len(reply_b) else "B"
+
+
+@pytest.fixture
+def server(monkeypatch):
+    fake = FakeOpenAI()
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    monkeypatch.setenv("OPENAI_BASE_URL", fake.url)
+    yield fake
+    fake.server.shutdown()
+
+
+@pytest.fixture
+def delays(monkeypatch):
+    """The judge's backoff sleeps, recorded instead of slept."""
+    slept = []
+    monkeypatch.setattr(judge.time, "sleep", slept.append)
+    return slept
+
+
+# --- pure helpers ---------------------------------------------------------------------------
+
+
+def test_wilson_interval_against_hand_values():
+    # k=8, n=10: p=0.8, z^2=3.8416 -> centre 0.71674, half-width 0.22657
+    low, high = wilson_interval(8, 10)
+    assert (low, high) == (pytest.approx(0.49016, abs=1e-4), pytest.approx(0.94331, abs=1e-4))
+    assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == 1.0
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))
+
+
+def test_both_orders_combine_into_win_tie_loss():
+    # policy_first: the policy is reply A; base_first: the policy is reply B
+    assert pair_outcome("A", "B") == "win"
+    assert pair_outcome("B", "A") == "loss"
+    assert pair_outcome("A", "A") == pair_outcome("B", "B") == "tie"  # position bias cancels to a tie
+    assert pair_outcome("invalid", "B") == pair_outcome("A", "invalid") == "invalid"
+
+
+def test_win_rates_leave_invalid_out():
+    rates = win_rates(["win", "win", "tie", "loss", "invalid"])
+    assert rates["n"] == 4 and rates["invalid"] == 1
+    assert rates["win"] == (0.5, *wilson_interval(2, 4))
+    assert rates["tie"][0] == rates["loss"][0] == 0.25
+
+
+def test_cache_key_depends_on_every_input():
+    args = ("gpt-4o", "prompt", "reply a", "reply b", "policy_first")
+    keys = {cache_key(*args)}
+    for i in range(len(args)):
+        keys.add(cache_key(*args[:i], args[i] + "x", *args[i + 1 :]))
+    assert len(keys) == len(args) + 1
+    assert cache_key(*args) == cache_key(*args) and len(cache_key(*args)) == 64
+
+
+# --- the judge against the local server -----------------------------------------------------
+
+
+def test_invalid_answers_are_retried_then_recorded_as_invalid(server, tmp_path):
+    cache = tmp_path / "cache.json"
+    j = Judge(cache_path=cache, invalid_retries=2)
+    server.queue = ["I think A", "A"]
+    assert j.judge("p", "long reply", "short", "policy_first") == "A"
+    assert len(server.requests) == 2 and server.requests[0][2] == server.requests[1][2]  # the same question again
+    server.queue = ["maybe", "C", "a"]
+    assert j.judge("p2", "x", "y", "policy_first") == "invalid"
+    assert len(server.requests) == 5
+    saved = json.loads(cache.read_text())
+    assert sorted(v["answer"] for v in saved.values()) == ["A", "invalid"]
+    # a new judge on the same cache asks nothing
+    again = Judge(cache_path=cache)
+    assert again.judge("p2", "x", "y", "policy_first") == "invalid" and again.requests == 0
+    assert len(server.requests) == 5
+
+
+def test_rate_limits_and_server_errors_back_off_exponentially(server, tmp_path, delays):
+    j = Judge(cache_path=tmp_path / "c.json", base_delay=0.5)
+    server.queue = [429, 429, 500, 503]
+    assert j.judge("p", "a", "bb", "policy_first") == "B"
+    assert delays == [0.5, 1.0, 2.0, 4.0]
+    assert len(server.requests) == 5
+    assert all(auth == f"Bearer {API_KEY}" for _, auth, _ in server.requests)  # the key from the environment
+    body = server.requests[-1][2]
+    assert body["model"] == judge.DEFAULT_MODEL and body["messages"][0]["content"] == judge.SYSTEM_PROMPT
+
+
+def test_gives_up_after_the_last_retry_and_does_not_retry_other_errors(server, tmp_path, delays):
+    j = Judge(cache_path=tmp_path / "c.json", api_retries=2, base_delay=0.1)
+    server.queue = [429, 429, 429]
+    with pytest.raises(RuntimeError, match="judge: giving up after 3 attempts \\(RateLimitError\\)"):
+        j.judge("p", "a", "b", "policy_first")
+    server.queue = [401]
+    with pytest.raises(openai.AuthenticationError):
+        j.judge("p", "a", "b", "policy_first")
+    assert len(server.requests) == 4 and delays == [0.1, 0.2]
+    assert not (tmp_path / "c.json").exists()  # failures are not cached
+
+
+def test_compare_asks_both_orders_and_caches_without_the_key(server, tmp_path):
+    cache = tmp_path / "gpt4_judgements.json"
+    j = Judge(model="judge-model", cache_path=cache)
+    assert j.compare("prompt", "a longer reply", "short") == "win"  # A first, then B: both prefer the policy
+    assert j.compare("prompt", "same", "same") == "tie"  # the fake always picks A for equal replies
+    assert j.compare("prompt", "s", "a much longer base reply") == "loss"
+    first, second = (r[2]["messages"][1]["content"] for r in server.requests[:2])
+    assert first.index("a longer reply") < first.index("short") and second.index("short") < second.index("a longer")
+    assert j.requests == 6 and len(json.loads(cache.read_text())) == 6
+    assert API_KEY not in cache.read_text() and not list(tmp_path.glob(".*tmp*"))
+
+
+# --- the notebook, headless ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def eval_outputs(tiny_reward_dir, tmp_path_factory):
+    """A work dir with tiny evaluation outputs: PPO = a copy of base (all ties), DPO = a perturbed copy."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from common import TINY_MODEL_DIR, load_tokenizer
+
+    work = tmp_path_factory.mktemp("notebook_work")
+    for name in (PROCESSED_DIR, REWARD_MODEL_DIR):
+        (work / name).symlink_to(tiny_reward_dir / name)
+    shutil.copytree(TINY_MODEL_DIR, work / PPO_DIR)
+    dpo = AutoModelForCausalLM.from_pretrained(TINY_MODEL_DIR)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in dpo.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    dpo.save_pretrained(work / DPO_DIR)
+    load_tokenizer(TINY_MODEL_DIR).save_pretrained(work / DPO_DIR)
+    record = {"step": 3, "time/elapsed_s": 42.0, "tokens/processed": 12345, "mem/peak_mb": 321.0}
+    (work / DPO_DIR / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    run_script("evaluate_models.py", "--preset", "tiny", "--work_dir", work, "--num_prompts", 12)
+    return work
+
+
+def execute_notebook(work, monkeypatch, **env):
+    monkeypatch.setenv("RLHF_WORK_DIR", str(work))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    nb = nbformat.read(REPO / "analysis_notebook.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    nbformat.write(nb, work / "analysis_notebook.executed.ipynb")
+    return "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+@pytest.mark.slow
+def test_notebook_without_api_key_skips_the_judge(eval_outputs, tmp_path, monkeypatch):
+    work = tmp_path / "w"
+    shutil.copytree(eval_outputs, work, symlinks=True)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    text = execute_notebook(work, monkeypatch)
+    assert "OPENAI_API_KEY is not set: the LLM-judge section is skipped" in text
+    assert "policies evaluated: ppo, dpo" in text
+    assert "ppo: is not distinguishable from base by the reward model (gain +0.000" in text
+    for name in ("reward_distributions", "reward_vs_kl", "cost_vs_quality"):
+        assert (work / f"analysis_{name}.png").stat().st_size > 5000
+    assert not (work / "gpt4_judgements.json").exists()
+
+
+@pytest.mark.slow
+def test_notebook_with_a_local_judge_server(eval_outputs, tmp_path, monkeypatch, server):
+    work = tmp_path / "w"
+    shutil.copytree(eval_outputs, work, symlinks=True)
+    server.queue = [429, "Neither"]  # the first request is rate limited, the retry's answer is invalid
+    text = execute_notebook(work, monkeypatch, RLHF_JUDGE_MODEL="fake-gpt", RLHF_JUDGE_BASE_DELAY="0.2")
+    pairs = 12 * 2  # prompts x policies
+    assert f"judge fake-gpt: 12 prompts x 2 policies x 2 orders; {2 * pairs + 2} API requests made" in text
+    (t0, _, first), (t1, _, retry), (_, _, asked_again) = server.requests[:3]
+    assert t1 - t0 >= 0.2 and first == retry == asked_again  # backed off, then the invalid answer asked again
+    rates = {row["policy"]: row for row in __import__("csv").DictReader(open(work / "judge_win_rates.csv"))}
+    assert float(rates["ppo"]["tie_rate"]) == 1.0  # identical replies: each order picks A, so every pair ties
+    assert (work / "judge_win_rates.png").stat().st_size > 5000
+    assert len(json.loads((work / "gpt4_judgements.json").read_text())) == 2 * pairs
+
+    # a rerun takes every judgement from the cache: no request at all
+    served = len(server.requests)
+    text = execute_notebook(work, monkeypatch, RLHF_JUDGE_MODEL="fake-gpt", RLHF_JUDGE_BASE_DELAY="0.2")
+    assert "0 API requests made" in text and len(server.requests) == served
+
+    # the key went to the server only: no file in the work dir holds it
+    for path in work.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            assert API_KEY.encode() not in path.read_bytes(), path
