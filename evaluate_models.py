@@ -78,7 +78,9 @@ class Args(CommonArgs):
     # scoring
     reward_max_length: int = field(default=512, metadata={"help": "tokens per text for the reward model"})
     # analysis
-    bootstrap_samples: int = field(default=10_000, metadata={"help": "bootstrap resamples for the 95 percent intervals"})
+    bootstrap_samples: int = field(
+        default=10_000, metadata={"help": "bootstrap resamples for the 95 percent intervals"}
+    )
 
 
 TINY = dict(batch_size=50, reward_max_length=256, bootstrap_samples=2000)
