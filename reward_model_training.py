@@ -1,0 +1,331 @@
+"""Step 2 of the pipeline: a pairwise reward model trained on `processed_data/`.
+
+GPT-2 with a scalar head (`AutoModelForSequenceClassification`, `num_labels=1`) learns
+a reward r(x, y) from preference pairs with the Bradley-Terry loss of Stiennon et al.
+(2020), eq. 1, and Ouyang et al. (2022), eq. 1:
+
+    loss = -log sigmoid(r(x, y_chosen) - r(x, y_rejected)),   averaged over the batch
+
+Hugging Face `Trainer` runs the loop (checkpoints, resume, data-parallel) through a small
+`RewardTrainer` that only changes the loss and the evaluation step. Validation loss,
+accuracy (share of pairs with r_chosen > r_rejected) and mean margin are logged every
+`--eval_steps`; at the end the same three are computed on the test split and written to
+`final_reward_model/eval_results.json`, beside the model and tokenizer (safetensors),
+`metrics.jsonl`, `reward_model_curves.png` and `args.json`. While training, checkpoints
+and the live metrics sit in `runs/reward_model/`.
+
+    python reward_model_training.py                                        # gpt2, the seed's sizes (GPU)
+    python reward_model_training.py --preset tiny --work_dir runs/tiny     # offline, CPU, about a minute
+    python reward_model_training.py --preset tiny --work_dir runs/tiny --resume   # after Ctrl-C
+    accelerate launch --num_processes 2 reward_model_training.py                # data-parallel on 2 GPUs
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 reward_model_training.py --preset tiny ...
+
+Deliberate departures from the seed (and from TRL's RewardTrainer):
+* the reward is read at each sequence's last real token, found from the attention mask
+  (`common.reward_scores`), not by Hugging Face's "last token that is not the pad id":
+  GPT-2's pad id is its EOS id, so that rule misreads a text ending in EOS and a
+  right-padded row. PPO, GRPO and evaluation score through the same function;
+* chosen and rejected go through the model in one forward pass per batch (stacked
+  along the batch, padded to one length), not two;
+* no auxiliary loss (e.g. the reward-centering term some reward trainers add).
+"""
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import (
+    AutoModelForSequenceClassification,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from common import (
+    REWARD_MODEL_DIR,
+    CommonArgs,
+    MetricsLogger,
+    UserError,
+    atomic_write_json,
+    check,
+    load_processed_data,
+    load_tokenizer,
+    plot_metrics,
+    resolve_model_name,
+    reward_scores,
+    run,
+    save_args,
+    save_pretrained_atomic,
+    set_seed,
+    use_bf16,
+)
+
+
+@dataclass
+class Args(CommonArgs):
+    # optimisation
+    num_train_epochs: float = field(default=3.0, metadata={"help": "passes over the train split"})
+    max_steps: int = field(default=-1, metadata={"help": "optimizer steps to train for; > 0 overrides the epochs"})
+    learning_rate: float = field(default=2e-5, metadata={"help": "peak learning rate of AdamW"})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "preference pairs per device per step"})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "preference pairs per device when evaluating"})
+    gradient_accumulation_steps: int = field(default=2, metadata={"help": "batches accumulated per optimizer step"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "share of the steps with a linear warm-up"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this"})
+    # output
+    logging_steps: int = field(default=10, metadata={"help": "log the training metrics every N optimizer steps"})
+    eval_steps: int = field(default=500, metadata={"help": "evaluate on the validation split every N steps"})
+    save_steps: int = field(default=500, metadata={"help": "write a checkpoint to runs/reward_model/ every N steps"})
+    save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept in runs/reward_model/"})
+    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in runs/reward_model/"})
+
+
+TINY = dict(
+    num_train_epochs=0.4,
+    learning_rate=2e-3,
+    per_device_train_batch_size=32,
+    per_device_eval_batch_size=64,
+    gradient_accumulation_steps=1,
+    logging_steps=4,
+    eval_steps=29,
+    save_steps=29,
+)
+
+RUN_NAME = "reward_model"
+TOKEN_COLUMNS = ["input_ids_chosen", "attention_mask_chosen", "input_ids_rejected", "attention_mask_rejected"]
+CURVES = ["train/loss", "eval/loss", "train/accuracy", "eval/accuracy", "train/margin", "eval/margin"]
+
+
+@dataclass
+class RewardDataCollatorWithPadding:
+    """Pads the chosen and rejected sequences of a batch together, to one length.
+
+    One length for both halves lets `RewardTrainer` stack them into a single forward
+    pass. Padding follows the tokenizer (left, the project's default); the reward is
+    read from the attention mask, so the side does not matter.
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+
+    def __call__(self, features):
+        n = len(features)
+        padded = self.tokenizer.pad(
+            {
+                "input_ids": [f["input_ids_chosen"] for f in features] + [f["input_ids_rejected"] for f in features],
+                "attention_mask": [f["attention_mask_chosen"] for f in features]
+                + [f["attention_mask_rejected"] for f in features],
+            },
+            return_tensors="pt",
+        )
+        return {
+            "input_ids_chosen": padded["input_ids"][:n],  # (B, T)
+            "attention_mask_chosen": padded["attention_mask"][:n],  # (B, T)
+            "input_ids_rejected": padded["input_ids"][n:],  # (B, T)
+            "attention_mask_rejected": padded["attention_mask"][n:],  # (B, T)
+        }
+
+
+class RewardTrainer(Trainer):
+    """`Trainer` with the pairwise loss; counts tokens and training accuracy for the metrics log."""
+
+    def __init__(self, *args, metrics_logger, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.metrics_logger = metrics_logger
+        # summed since the last log, per process: [tokens, correct pairs, margin, pairs]
+        self.since_log = torch.zeros(4, device=self.args.device, dtype=torch.float64)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # 1. one forward pass over chosen and rejected, stacked along the batch
+        input_ids = torch.cat([inputs["input_ids_chosen"], inputs["input_ids_rejected"]])  # (2B, T)
+        attention_mask = torch.cat([inputs["attention_mask_chosen"], inputs["attention_mask_rejected"]])  # (2B, T)
+        scores = reward_scores(model, input_ids, attention_mask)  # (2B,) at each row's last real token
+        rewards_chosen, rewards_rejected = scores.chunk(2)  # (B,), (B,)
+        # 2. Bradley-Terry loss, Stiennon et al. (2020) eq. 1: -log sigmoid(r_c - r_r)
+        margins = rewards_chosen - rewards_rejected  # (B,)
+        loss = -F.logsigmoid(margins).mean()
+
+        self.since_log[0] += attention_mask.sum()  # real tokens only; evaluation passes count too
+        if model.training:
+            self.since_log[1] += (margins > 0).sum()
+            self.since_log[2] += margins.detach().sum()
+            self.since_log[3] += len(margins)
+        if return_outputs:
+            return loss, {"rewards_chosen": rewards_chosen, "rewards_rejected": rewards_rejected}
+        return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        logits = torch.stack([outputs["rewards_chosen"], outputs["rewards_rejected"]], dim=1)  # (B, 2)
+        # Trainer only calls compute_metrics when there are labels; the "label" is always "chosen wins".
+        labels = torch.zeros(len(logits), device=logits.device)  # (B,)
+        return loss.detach(), logits, labels
+
+    def log(self, logs, *args, **kwargs):
+        # Every process calls log() at the same points, so the sums can be reduced here.
+        tokens, correct, margin, pairs = self.accelerator.reduce(self.since_log, reduction="sum").tolist()
+        self.since_log.zero_()
+        self.metrics_logger.add_tokens(tokens)
+        if "loss" in logs and pairs > 0:  # a training log: add accuracy and margin over the pairs since the last one
+            logs = {**logs, "accuracy": correct / pairs, "margin": margin / pairs}
+        super().log(logs, *args, **kwargs)
+
+
+def compute_metrics(eval_pred):
+    rewards_chosen, rewards_rejected = eval_pred.predictions.T  # (N,), (N,)
+    return {
+        "accuracy": float((rewards_chosen > rewards_rejected).mean()),
+        "margin": float((rewards_chosen - rewards_rejected).mean()),
+    }
+
+
+def namespaced(logs):
+    """Trainer's log keys -> ours (`loss` -> `train/loss`, `eval_accuracy` -> `eval/accuracy`); timings dropped."""
+    metrics = {}
+    for key, value in logs.items():
+        prefix, _, name = key.partition("_")
+        if prefix in ("eval", "test") and name in ("loss", "accuracy", "margin"):
+            metrics[f"{prefix}/{name}"] = value
+        elif key in ("loss", "accuracy", "margin", "learning_rate", "grad_norm", "epoch"):
+            metrics[f"train/{key}"] = value
+    return metrics if set(metrics) != {"train/epoch"} else {}  # Trainer's closing summary has nothing of ours
+
+
+class MetricsCallback(TrainerCallback):
+    """Writes Trainer's logs to `metrics.jsonl` (namespaced, with the cost so far) and redraws the curves at saves."""
+
+    def __init__(self, metrics_logger, png_path):
+        self.metrics_logger, self.png_path = metrics_logger, png_path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        metrics = namespaced(logs or {})
+        if metrics:
+            self.metrics_logger.log(state.global_step, metrics)
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            plot_metrics(self.metrics_logger.path, CURVES, self.png_path, title="reward model")
+
+
+def last_checkpoint(run_dir):
+    """The newest complete Trainer checkpoint (trainer_state.json is written last), or None."""
+    done = [p for p in Path(run_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
+
+
+def main(args):
+    check(args.num_train_epochs > 0 or args.max_steps > 0, "--num_train_epochs or --max_steps must be positive")
+    check(args.learning_rate > 0, f"--learning_rate must be positive, got {args.learning_rate}")
+    check(
+        min(args.per_device_train_batch_size, args.per_device_eval_batch_size, args.gradient_accumulation_steps) > 0,
+        "--per_device_train_batch_size, --per_device_eval_batch_size and --gradient_accumulation_steps must be > 0",
+    )
+    check(0 <= args.warmup_ratio < 1, f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
+    check(
+        min(args.logging_steps, args.eval_steps, args.save_steps, args.save_total_limit) > 0,
+        "--logging_steps, --eval_steps, --save_steps and --save_total_limit must be > 0",
+    )
+    run_dir = Path(args.work_dir) / "runs" / RUN_NAME
+    checkpoint = last_checkpoint(run_dir)
+    if args.resume:
+        check(checkpoint is not None, f"--resume: no checkpoint in {run_dir}; start without --resume")
+
+    set_seed(args.seed)  # before the randomly initialised score head is built
+    data = load_processed_data(args).select_columns(TOKEN_COLUMNS)
+    tokenizer = load_tokenizer(args.model)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1)
+    except OSError as e:
+        raise UserError(f"--model {args.model}: cannot load it ({str(e).splitlines()[0]})") from None
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+    training_args = TrainingArguments(
+        output_dir=str(run_dir),
+        num_train_epochs=args.num_train_epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        per_device_eval_batch_size=args.per_device_eval_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        warmup_steps=args.warmup_ratio,  # a float below 1 is a share of the total steps
+        lr_scheduler_type="linear",
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        bf16=use_bf16(),
+        eval_strategy="steps",
+        eval_steps=args.eval_steps,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        logging_steps=args.logging_steps,
+        logging_first_step=True,
+        remove_unused_columns=False,  # our columns are not arguments of model.forward
+        dataloader_pin_memory=torch.cuda.is_available(),
+        report_to="none",
+        seed=args.seed,
+    )
+    is_main = training_args.process_index == 0
+    if is_main and not args.resume and checkpoint is not None:
+        # A fresh run must not leave an older run's checkpoints for a later --resume to pick up.
+        for old in run_dir.glob("checkpoint-*"):
+            shutil.rmtree(old)
+        print(f"removed the checkpoints of an earlier run in {run_dir}")
+    resume_step = None
+    if args.resume:
+        resume_step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+        print(f"resuming from {checkpoint} (step {resume_step})")
+    metrics_logger = MetricsLogger(run_dir / "metrics.jsonl", resume_step=resume_step, enabled=is_main)
+    png_path = run_dir / f"{RUN_NAME}_curves.png"
+
+    trainer = RewardTrainer(
+        model=model,
+        args=training_args,
+        data_collator=RewardDataCollatorWithPadding(tokenizer),
+        train_dataset=data["train"],
+        eval_dataset=data["validation"],
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics,
+        callbacks=[MetricsCallback(metrics_logger, png_path)],
+        metrics_logger=metrics_logger,
+    )
+    trainer.train(resume_from_checkpoint=str(checkpoint) if args.resume else None)
+
+    # final evaluation on the held-out test split
+    test = trainer.evaluate(data["test"], metric_key_prefix="test")
+    results = {
+        "split": "test",
+        "n": len(data["test"]),
+        "loss": test["test_loss"],
+        "accuracy": test["test_accuracy"],
+        "margin": test["test_margin"],
+        "global_step": trainer.state.global_step,
+        "base_model": resolve_model_name(args.model),
+    }
+    if trainer.is_world_process_zero():
+        print(f"test: accuracy {results['accuracy']:.4f}, loss {results['loss']:.4f}, margin {results['margin']:.4f}")
+        plot_metrics(metrics_logger.path, CURVES, png_path, title="reward model")
+        out_dir = Path(args.work_dir) / REWARD_MODEL_DIR
+        save_pretrained_atomic(
+            out_dir,
+            trainer.model,
+            tokenizer,
+            extra={
+                "eval_results.json": lambda p: atomic_write_json(p, results),
+                "metrics.jsonl": lambda p: shutil.copy(metrics_logger.path, p),
+                f"{RUN_NAME}_curves.png": lambda p: shutil.copy(png_path, p),
+                "args.json": lambda p: save_args(args, p),
+            },
+        )
+        print(f"wrote {out_dir}")
+
+
+if __name__ == "__main__":
+    run(main, Args, TINY)
