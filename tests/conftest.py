@@ -43,3 +43,11 @@ def tiny_reward_dir(tiny_data_dir):
     if not (tiny_data_dir / "final_reward_model" / "config.json").exists():
         run_script("reward_model_training.py", "--preset", "tiny", "--work_dir", tiny_data_dir)
     return tiny_data_dir
+
+
+@pytest.fixture
+def work(tiny_reward_dir, tmp_path):
+    """A fresh work dir sharing the session's processed data and reward model (links, not copies)."""
+    for name in ("processed_data", "final_reward_model"):
+        (tmp_path / name).symlink_to(tiny_reward_dir / name)
+    return tmp_path

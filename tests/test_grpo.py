@@ -33,14 +33,6 @@ from common import (
 LOSS_ARGS = SimpleNamespace(clip_range=0.2, entropy_coef=0.1, target_entropy=1.8)
 
 
-@pytest.fixture
-def work(tiny_reward_dir, tmp_path):
-    """A fresh work dir that shares the session's processed data and reward model."""
-    for name in (PROCESSED_DIR, REWARD_MODEL_DIR):
-        (tmp_path / name).symlink_to(tiny_reward_dir / name)
-    return tmp_path
-
-
 def tiny_args(work, *argv):
     return parse_args(grpo.Args, grpo.TINY, ["--preset", "tiny", "--work_dir", str(work), *map(str, argv)])
 

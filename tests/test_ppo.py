@@ -54,14 +54,6 @@ STEP_KEYS = [
 ]
 
 
-@pytest.fixture
-def work(tiny_reward_dir, tmp_path):
-    """A fresh work dir that shares the session's processed data and reward model."""
-    for name in (PROCESSED_DIR, REWARD_MODEL_DIR):
-        (tmp_path / name).symlink_to(tiny_reward_dir / name)
-    return tmp_path
-
-
 def tiny_args(work, *argv):
     return parse_args(ppo.Args, ppo.TINY, ["--preset", "tiny", "--work_dir", str(work), *map(str, argv)])
 
