@@ -96,7 +96,7 @@ def parse_args(args_cls, tiny=None, argv=None):
             action.help = re.sub(r"%(?!\()", "%%", action.help)
     argv = sys.argv[1:] if argv is None else list(argv)
     peek = argparse.ArgumentParser(add_help=False)
-    peek.add_argument("--preset", default="gpt2")
+    peek.add_argument("--preset", default=args_cls.__dataclass_fields__["preset"].default)
     preset = peek.parse_known_args(argv)[0].preset
     if preset not in PRESETS:
         parser.error(f"argument --preset: invalid choice {preset!r} (choose from {', '.join(PRESETS)})")
