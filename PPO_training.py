@@ -133,8 +133,9 @@ class Args(CommonArgs):
 
 # Tiny: a larger rollout and learning rate, few steps (~1 minute on 2 cores). Two changes of substance:
 # target_entropy is the tiny model's own per-token entropy on its replies (~0.5 nats; the seed's 1.8 is
-# gpt2's scale and drove the tiny policy to high-entropy word salad), and beta starts at 0.2: at 0.05
-# the policy drifted to short courteous replies ("Sure!") that this reward model scores almost as high.
+# gpt2's scale and drove the tiny policy to high-entropy word salad), and beta starts at 0.2: the tiny
+# reward model cannot judge fluency or topic (see README, "Known limits"), so the KL term is what keeps
+# replies readable.
 TINY = dict(
     total_steps=20,
     rollout_batch_size=32,
@@ -305,6 +306,99 @@ def sample_table(prompts, responses, scores, n=4, width=90):
     return "\n".join(lines)
 
 
+def ppo_step(model, ref_model, reward_model, tokenizer, rm_tokenizer, optimizer, prompts, args, kl_coef,
+             accelerator, stop_hint):  # fmt: skip
+    """One PPO step on this process's `prompts`: generate, score, KL penalty, GAE, then the PPO epochs.
+
+    Returns the samples, their scores (B,), this process's metrics (0-d tensors, not yet gathered) and
+    the number of tokens through forward passes. A non-finite loss on any process stops them all with
+    `stop_hint` in the message.
+    """
+    device = accelerator.device
+    mini_batch_size = args.rollout_batch_size // args.num_minibatches
+
+    # 1. generate: one reply per prompt, masked after its first EOS
+    with torch.no_grad(), accelerator.autocast():
+        samples = generate_responses(
+            unwrap(model).policy, tokenizer, prompts, args.max_prompt_length, args.max_new_tokens,
+            args.temperature, args.top_p,
+        )  # fmt: skip
+    input_ids, attention_mask = samples.input_ids, samples.attention_mask  # (B, P + R)
+    response_ids, response_mask = samples.response_ids, samples.response_mask  # (B, R)
+    context_length = samples.query_ids.shape[1]
+    n_tokens = input_ids.numel()
+
+    # 2. score: the reward model reads join_conversation(prompt, reply) at its last real token
+    scores = get_reward(reward_model, rm_tokenizer, samples.prompts, samples.responses, args.reward_max_length)
+    n_tokens += input_ids.numel()  # same tokenizer family, so about the tokens of the full text
+
+    # log-probs and values of the rollout policy, log-probs of the reference, at the sampling temperature
+    with torch.no_grad():
+        logits, values = policy_forward(model, input_ids, attention_mask, context_length, args.temperature)
+        logprobs = gather_logprobs(logits, response_ids)  # (B, R)
+        entropy = masked_mean(entropy_from_logits(logits), response_mask)
+        with accelerator.autocast():
+            ref_logits, _ = response_logits(ref_model, input_ids, attention_mask, context_length, args.temperature)
+        ref_logprobs = gather_logprobs(ref_logits, response_ids)  # (B, R)
+        del logits, ref_logits
+    n_tokens += 2 * input_ids.numel()
+
+    # 3. per-token KL penalty and the score at the last token (Ziegler et al. 2019, eq. 2)
+    rewards, kl, non_score_reward = per_token_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef)
+
+    # 4. GAE over reply tokens (Schulman et al. 2016); returns are the value targets, advantages get whitened
+    values = values * response_mask
+    advantages = compute_gae(rewards, values, response_mask, args.gamma, args.lam)  # (B, R)
+    returns = advantages + values  # (B, R)
+    raw_advantages_mean = masked_mean(advantages, response_mask)
+    advantages = masked_whiten(advantages, response_mask)
+
+    # 5. PPO epochs over the rollout in minibatches (Schulman et al. 2017)
+    stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy_loss")}
+    for _ in range(args.ppo_epochs):
+        for mb in torch.randperm(args.rollout_batch_size, device=device).split(mini_batch_size):
+            mb_mask = response_mask[mb]  # (b, R)
+            mb_logits, mb_values = policy_forward(
+                model, input_ids[mb], attention_mask[mb], context_length, args.temperature
+            )  # (b, R, V), (b, R)
+            mb_logprobs = gather_logprobs(mb_logits, response_ids[mb])  # (b, R)
+            pg_loss, clipfrac, approx_kl = policy_loss(
+                mb_logprobs, logprobs[mb], advantages[mb], mb_mask, args.clip_range
+            )
+            vf_loss, vf_clipfrac = value_loss(mb_values, values[mb], returns[mb], mb_mask, args.clip_range_value)
+            mb_entropy = masked_mean(entropy_from_logits(mb_logits), mb_mask)
+            entropy_loss = args.entropy_coef * (mb_entropy - args.target_entropy) ** 2  # the seed's term
+            loss = pg_loss + args.value_coef * vf_loss + entropy_loss
+            # a NaN/inf on any process stops them all (a reduce, so none is left waiting in backward)
+            if not torch.isfinite(accelerator.reduce(loss.detach(), "sum")):
+                raise UserError(
+                    f"non-finite loss (pg {pg_loss.item():.4g}, vf {vf_loss.item():.4g}, "
+                    f"entropy {entropy_loss.item():.4g}) {stop_hint}"
+                )
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            n_tokens += input_ids[mb].numel()
+            for k, v in zip(stats, (pg_loss, vf_loss, clipfrac, vf_clipfrac, approx_kl, entropy_loss)):
+                stats[k].append(v.detach())
+
+    # this process's metrics; main gathers them
+    local = {
+        "objective/scores": scores.mean(),
+        "objective/kl": kl.sum(1).mean(),
+        "objective/entropy": entropy,
+        "objective/non_score_reward": non_score_reward.sum(1).mean(),
+        "objective/rlhf_reward": (scores + non_score_reward.sum(1)).mean(),
+        **{f"ppo/{k}": torch.stack(v).mean() for k, v in stats.items()},
+        "ppo/returns_mean": masked_mean(returns, response_mask),
+        "ppo/advantages_mean": raw_advantages_mean,
+        "response/length": response_mask.sum(1).float().mean(),
+        "response/eos_share": (response_ids == tokenizer.eos_token_id).any(1).float().mean(),
+    }
+    return samples, scores, local, n_tokens
+
+
 def main(args):
     """Train, evaluate and save; returns the trained policy with its value head (for tests and notebooks)."""
     check(args.total_steps > 0 and args.ppo_epochs > 0, "--total_steps and --ppo_epochs must be positive")
@@ -326,8 +420,6 @@ def main(args):
     checkpoint_path = run_dir / "checkpoint.pt"
     if args.resume:
         check(checkpoint_path.is_file(), f"--resume: no checkpoint at {checkpoint_path}; start without --resume")
-    mini_batch_size = args.rollout_batch_size // args.num_minibatches
-
     accelerator = make_accelerator()
     device, is_main = accelerator.device, accelerator.is_main_process
     set_seed(args.seed)
@@ -378,90 +470,14 @@ def main(args):
         first = step * global_batch + accelerator.process_index * args.rollout_batch_size
         prompts = [train_prompts[i] for i in order[first : first + args.rollout_batch_size]]
 
-        # 1. generate: one reply per prompt, masked after its first EOS
-        with torch.no_grad(), accelerator.autocast():
-            samples = generate_responses(
-                unwrap(model).policy, tokenizer, prompts, args.max_prompt_length, args.max_new_tokens,
-                args.temperature, args.top_p,
-            )  # fmt: skip
-        input_ids, attention_mask = samples.input_ids, samples.attention_mask  # (B, P + R)
-        response_ids, response_mask = samples.response_ids, samples.response_mask  # (B, R)
-        context_length = samples.query_ids.shape[1]
-        n_tokens = input_ids.numel()
-
-        # 2. score: the reward model reads join_conversation(prompt, reply) at its last real token
-        scores = get_reward(reward_model, rm_tokenizer, samples.prompts, samples.responses, args.reward_max_length)
-        n_tokens += input_ids.numel()  # same tokenizer family, so about the tokens of the full text
-
-        # log-probs and values of the rollout policy, log-probs of the reference, at the sampling temperature
-        with torch.no_grad():
-            logits, values = policy_forward(model, input_ids, attention_mask, context_length, args.temperature)
-            logprobs = gather_logprobs(logits, response_ids)  # (B, R)
-            entropy = masked_mean(entropy_from_logits(logits), response_mask)
-            with accelerator.autocast():
-                ref_logits, _ = response_logits(ref_model, input_ids, attention_mask, context_length, args.temperature)
-            ref_logprobs = gather_logprobs(ref_logits, response_ids)  # (B, R)
-            del logits, ref_logits
-        n_tokens += 2 * input_ids.numel()
-
-        # 3. per-token KL penalty and the score at the last token (Ziegler et al. 2019, eq. 2)
-        rewards, kl, non_score_reward = per_token_rewards(scores, logprobs, ref_logprobs, response_mask, kl_ctl.value)
-
-        # 4. GAE over reply tokens (Schulman et al. 2016); returns are the value targets, advantages get whitened
-        values = values * response_mask
-        advantages = compute_gae(rewards, values, response_mask, args.gamma, args.lam)  # (B, R)
-        returns = advantages + values  # (B, R)
-        raw_advantages_mean = masked_mean(advantages, response_mask)
-        advantages = masked_whiten(advantages, response_mask)
-
-        # 5. PPO epochs over the rollout in minibatches (Schulman et al. 2017)
-        stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy_loss")}
-        for _ in range(args.ppo_epochs):
-            for mb in torch.randperm(args.rollout_batch_size, device=device).split(mini_batch_size):
-                mb_mask = response_mask[mb]  # (b, R)
-                mb_logits, mb_values = policy_forward(
-                    model, input_ids[mb], attention_mask[mb], context_length, args.temperature
-                )  # (b, R, V), (b, R)
-                mb_logprobs = gather_logprobs(mb_logits, response_ids[mb])  # (b, R)
-                pg_loss, clipfrac, approx_kl = policy_loss(
-                    mb_logprobs, logprobs[mb], advantages[mb], mb_mask, args.clip_range
-                )
-                vf_loss, vf_clipfrac = value_loss(mb_values, values[mb], returns[mb], mb_mask, args.clip_range_value)
-                mb_entropy = masked_mean(entropy_from_logits(mb_logits), mb_mask)
-                entropy_loss = args.entropy_coef * (mb_entropy - args.target_entropy) ** 2  # the seed's term
-                loss = pg_loss + args.value_coef * vf_loss + entropy_loss
-                # a NaN/inf on any process stops them all (a reduce, so none is left waiting in backward)
-                if not torch.isfinite(accelerator.reduce(loss.detach(), "sum")):
-                    kept = (
-                        f"the last good checkpoint is {checkpoint_path}"
-                        if checkpoint_path.exists()
-                        else "no checkpoint was written yet"
-                    )
-                    raise UserError(
-                        f"non-finite loss at step {step + 1} (pg {pg_loss.item():.4g}, vf {vf_loss.item():.4g}, "
-                        f"entropy {entropy_loss.item():.4g}): stopped; {kept}; try a lower --learning_rate"
-                    )
-                accelerator.backward(loss)
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                n_tokens += input_ids[mb].numel()
-                for k, v in zip(stats, (pg_loss, vf_loss, clipfrac, vf_clipfrac, approx_kl, entropy_loss)):
-                    stats[k].append(v.detach())
+        # 1-5. generate, score, KL penalty, GAE, the PPO epochs: `ppo_step` above
+        kept = f"the last good checkpoint is {checkpoint_path}" if checkpoint_path.exists() else "no checkpoint yet"
+        hint = f"at step {step + 1}: stopped; {kept}; try a lower --learning_rate"
+        samples, scores, local, n_tokens = ppo_step(
+            model, ref_model, reward_model, tokenizer, rm_tokenizer, optimizer, prompts, args, kl_ctl.value, accelerator, hint
+        )  # fmt: skip
 
         # metrics: per-process means, then gathered; beta adapts to the mean per-sequence KL of all processes
-        local = {
-            "objective/scores": scores.mean(),
-            "objective/kl": kl.sum(1).mean(),
-            "objective/entropy": entropy,
-            "objective/non_score_reward": non_score_reward.sum(1).mean(),
-            "objective/rlhf_reward": (scores + non_score_reward.sum(1)).mean(),
-            **{f"ppo/{k}": torch.stack(v).mean() for k, v in stats.items()},
-            "ppo/returns_mean": masked_mean(returns, response_mask),
-            "ppo/advantages_mean": raw_advantages_mean,
-            "response/length": response_mask.sum(1).float().mean(),
-            "response/eos_share": (response_ids == tokenizer.eos_token_id).any(1).float().mean(),
-        }
         gathered = accelerator.gather(torch.stack([v.float() for v in local.values()]).unsqueeze(0))  # (N, K)
         metrics = dict(zip(local, gathered.mean(0).tolist()))
         all_responses = gather_object(samples.responses)

@@ -101,24 +101,17 @@ from common import (
     MetricsLogger,
     UserError,
     check,
-    entropy_from_logits,
     filter_edge_cases,
-    gather_logprobs,
     generate_responses,
-    get_reward,
     join_conversation,
     load_causal_lm,
     load_preference_data,
     load_tokenizer,
     make_accelerator,
-    masked_mean,
-    masked_whiten,
     parse_args,
     peak_memory_mb,
-    response_logits,
     response_mask_from_eos,
     set_seed,
-    unwrap,
     use_bf16,
 )
 
@@ -489,8 +482,8 @@ def bench_dpo(work, meter, impl, batch, out_dir):
         trainer.train()
         return
 
-    # DPO_training.main's update is not one function: this is the same sequence of calls as its loop (both models'
-    # log-probs, dpo_loss, the NaN guard, backward, clipping, the optimizer and scheduler steps), without its logging.
+    # The script's own micro-batch step (DPO_training.dpo_step): both models' log-probs, dpo_loss, the NaN guard,
+    # backward, clipping, the optimizer and scheduler steps; its logging, evaluation and checkpoints are left out.
     accelerator = make_accelerator()
     split = {k: [r[k] for r in rows] for k in ("prompt", "chosen_response", "rejected_response")}
     collate = partial(dpo.collate_pairs, eos_token_id=work.eos, max_seq_len=script_args.max_seq_len)
@@ -508,26 +501,9 @@ def bench_dpo(work, meter, impl, batch, out_dir):
     for step, batch_data in enumerate(loader):
         if step == args.warmup:
             meter.start()
-        with accelerator.accumulate(policy):
-            chosen_logps, rejected_logps = dpo.batch_logps(policy, batch_data)  # (B,), (B,)
-            ref_chosen_logps, ref_rejected_logps = dpo.reference_logps(reference, None, batch_data, accelerator)
-            losses, _, _ = dpo.dpo_loss(
-                chosen_logps,
-                rejected_logps,
-                ref_chosen_logps,
-                ref_rejected_logps,
-                script_args.beta,
-                script_args.label_smoothing,
-                script_args.loss_type,
-            )
-            loss = losses.mean()
-            check(accelerator.gather(torch.isfinite(loss.detach())).all(), f"dpo: the loss is {loss.item()}")
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(policy.parameters(), script_args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
+        dpo.dpo_step(
+            policy, reference, None, batch_data, optimizer, scheduler, script_args, accelerator, "in the benchmark"
+        )
     meter.stop()
 
 
@@ -577,9 +553,8 @@ def bench_ppo(work, meter, impl, batch, out_dir):
         trainer.train()
         return
 
-    # PPO_training.main's step is not one function: this is the same sequence of calls as its loop, steps 1-5
-    # (generate, score, policy/value and reference forwards, KL penalty, GAE, the PPO epochs with the NaN guard),
-    # without its metrics, sample tables and checkpoints.
+    # The script's own step (PPO_training.ppo_step): generate, score, policy/value and reference forwards, KL
+    # penalty, GAE, the PPO epochs with the NaN guard; its metrics, sample tables and checkpoints are left out.
     accelerator = make_accelerator()
     device = accelerator.device
     model = ppo.PolicyWithValueHead(policy)
@@ -590,59 +565,13 @@ def bench_ppo(work, meter, impl, batch, out_dir):
         model.parameters(), lr=script_args.learning_rate, weight_decay=script_args.weight_decay
     )
     model, optimizer = accelerator.prepare(model, optimizer)
-    mini_batch_size = batch // script_args.num_minibatches
-    temperature = script_args.temperature
     for step in range(total):
         if step == args.warmup:
             meter.start()
-        # 1. generate
-        with torch.no_grad(), accelerator.autocast():
-            samples = generate_responses(
-                unwrap(model).policy, work.tokenizer, prompts[step * batch : (step + 1) * batch],
-                script_args.max_prompt_length, script_args.max_new_tokens, temperature, script_args.top_p,
-            )  # fmt: skip
-        input_ids, attention_mask = samples.input_ids, samples.attention_mask  # (B, P + R)
-        response_ids, response_mask = samples.response_ids, samples.response_mask  # (B, R)
-        context_length = samples.query_ids.shape[1]
-        # 2. score
-        scores = get_reward(
-            reward_model, work.tokenizer, samples.prompts, samples.responses, script_args.reward_max_length
-        )
-        with torch.no_grad():
-            logits, values = ppo.policy_forward(model, input_ids, attention_mask, context_length, temperature)
-            logprobs = gather_logprobs(logits, response_ids)  # (B, R)
-            masked_mean(entropy_from_logits(logits), response_mask)  # the script logs the rollout's entropy
-            with accelerator.autocast():
-                ref_logits, _ = response_logits(reference, input_ids, attention_mask, context_length, temperature)
-            ref_logprobs = gather_logprobs(ref_logits, response_ids)  # (B, R)
-            del logits, ref_logits
-        # 3. per-token KL penalty
-        rewards, _, _ = ppo.per_token_rewards(scores, logprobs, ref_logprobs, response_mask, script_args.kl_coef)
-        # 4. GAE
-        values = values * response_mask
-        advantages = ppo.compute_gae(rewards, values, response_mask, script_args.gamma, script_args.lam)  # (B, R)
-        returns = advantages + values
-        advantages = masked_whiten(advantages, response_mask)
-        # 5. PPO epochs
-        for _ in range(script_args.ppo_epochs):
-            for mb in torch.randperm(batch, device=device).split(mini_batch_size):
-                mb_mask = response_mask[mb]  # (b, R)
-                mb_logits, mb_values = ppo.policy_forward(
-                    model, input_ids[mb], attention_mask[mb], context_length, temperature
-                )
-                mb_logprobs = gather_logprobs(mb_logits, response_ids[mb])  # (b, R)
-                pg_loss, _, _ = ppo.policy_loss(
-                    mb_logprobs, logprobs[mb], advantages[mb], mb_mask, script_args.clip_range
-                )
-                vf_loss, _ = ppo.value_loss(mb_values, values[mb], returns[mb], mb_mask, script_args.clip_range_value)
-                mb_entropy = masked_mean(entropy_from_logits(mb_logits), mb_mask)
-                entropy_loss = script_args.entropy_coef * (mb_entropy - script_args.target_entropy) ** 2
-                loss = pg_loss + script_args.value_coef * vf_loss + entropy_loss
-                check(torch.isfinite(accelerator.reduce(loss.detach(), "sum")), f"ppo: the loss is {loss.item()}")
-                accelerator.backward(loss)
-                accelerator.clip_grad_norm_(model.parameters(), script_args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+        ppo.ppo_step(
+            model, reference, reward_model, work.tokenizer, work.tokenizer, optimizer, prompts[step * batch : (step + 1) * batch],
+            script_args, script_args.kl_coef, accelerator, "in the benchmark",
+        )  # fmt: skip
     meter.stop()
 
 
@@ -692,9 +621,8 @@ def bench_grpo(work, meter, impl, batch, out_dir):
         trainer.train()
         return
 
-    # GRPO_training.main's step is not one function: this is the same sequence of calls as its loop, steps 1-5
-    # (sample the groups, score, group advantages, reference log-probs, the update with its NaN guard), without
-    # its metrics, evaluations and checkpoints.
+    # The script's own step (GRPO_training.grpo_step): sample the groups, score, group advantages, reference
+    # log-probs, the update with its NaN guard; its metrics, evaluations and checkpoints are left out.
     accelerator = make_accelerator()
     device = accelerator.device
     reference = reference.to(device).eval().requires_grad_(False)
@@ -704,47 +632,13 @@ def bench_grpo(work, meter, impl, batch, out_dir):
         policy.parameters(), lr=script_args.learning_rate, weight_decay=script_args.weight_decay
     )
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    temperature = script_args.temperature
     for step in range(total):
         if step == args.warmup:
             meter.start()
-        # 1. sample a group of replies per prompt
-        samples = generate_responses(
-            unwrap(policy), work.tokenizer, prompts[step * batch : (step + 1) * batch], script_args.max_prompt_length,
-            script_args.max_new_tokens, temperature, script_args.top_p, num_return_sequences=group_size,
+        grpo.grpo_step(
+            policy, reference, reward_model, work.tokenizer, work.tokenizer, optimizer, prompts[step * batch : (step + 1) * batch],
+            script_args, script_args.kl_coef, accelerator, "in the benchmark",
         )  # fmt: skip
-        input_ids, attention_mask = samples.input_ids, samples.attention_mask  # (N, P + R)
-        response_ids, mask = samples.response_ids, samples.response_mask  # (N, R)
-        context_length = samples.query_ids.shape[1]
-        # 2. score
-        scores = get_reward(
-            reward_model, work.tokenizer, samples.prompts, samples.responses, script_args.reward_max_length
-        )
-        accelerator.gather(scores)
-        # 3. group-relative advantages, normalised over the batch
-        advantages = grpo.group_advantages(scores, group_size, script_args.scale_rewards, script_args.std_eps)  # (N,)
-        if script_args.normalize_advantages:
-            advantages = advantages / (accelerator.gather(advantages).std() + script_args.std_eps)
-        # 4. reference log-probs
-        with torch.no_grad(), accelerator.autocast():
-            ref_logits, _ = response_logits(reference, input_ids, attention_mask, context_length, temperature)
-            ref_logprobs = gather_logprobs(ref_logits, response_ids)  # (N, R)
-            del ref_logits
-        # 5. the update(s)
-        for update in range(script_args.updates_per_rollout):
-            logits, _ = response_logits(policy, input_ids, attention_mask, context_length, temperature)
-            logprobs = gather_logprobs(logits, response_ids)  # (N, R)
-            if update == 0:
-                old_logprobs = logprobs.detach()
-            entropy = entropy_from_logits(logits)  # (N, R)
-            loss, _ = grpo.grpo_loss(
-                logprobs, old_logprobs, ref_logprobs, advantages, entropy, mask, script_args, script_args.kl_coef
-            )
-            check(torch.isfinite(accelerator.gather(loss.detach().reshape(1))).all(), f"grpo: the loss is {loss}")
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(policy.parameters(), script_args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
     meter.stop()
 
 

@@ -120,8 +120,8 @@ def test_bad_flags_fail_with_one_line():
 # --- a short run ----------------------------------------------------------------------------------
 
 
-def test_one_step_of_generate_dpo_and_grpo_prints_one_json_line_each():
-    phases = ["generate", "dpo", "grpo"]
+def test_one_step_of_generate_dpo_ppo_and_grpo_prints_one_json_line_each():
+    phases = ["generate", "dpo", "ppo", "grpo"]
     proc = run_bench("--preset", "tiny", "--steps", "1", "--warmup", "0", "--phases", ",".join(phases))
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_records(proc.stdout, phases, ["ours"])

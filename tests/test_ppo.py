@@ -255,7 +255,10 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(work, monke
         return (pg_loss * float("nan") if len(calls) > 4 else pg_loss), clipfrac, approx_kl
 
     monkeypatch.setattr(ppo, "policy_loss", nan_from_step_2)
-    with pytest.raises(UserError, match=r"non-finite loss at step 2 .* the last good checkpoint is .*checkpoint.pt"):
+    with pytest.raises(
+        UserError,
+        match=r"non-finite loss \(pg nan, .*\) at step 2: stopped; the last good checkpoint is .*checkpoint.pt",
+    ):
         ppo.main(tiny_args(work, "--total_steps", 3, "--save_every", 1, *QUICK))
     state = load_checkpoint(work / "runs" / "ppo" / "checkpoint.pt")
     assert state["step"] == 1
