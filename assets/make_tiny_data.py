@@ -4,11 +4,14 @@ Each row is {"chosen": str, "rejected": str}: the same multi-turn conversation
 ("\\n\\nHuman: ...\\n\\nAssistant: ...") ending in two different final replies.
 
 * chosen: helpful, on-topic, concrete advice (sometimes with a polite opener).
-* rejected: one of five failure kinds, in varied wording: off-topic (fluent, polite
-  advice about another topic), rude, harmful, polite-but-evasive (courtesy words and
-  no content, so that "polite = good" is *not* what a reward model can learn) and
-  unhelpful.
-* About 5% of the normal pairs have their labels flipped, as human labels are noisy,
+* rejected: one of five failure kinds, in varied wording: rude, harmful,
+  polite-but-evasive (courtesy words and no content, down to a bare "Sure!"),
+  unhelpful and, rarer, off-topic (fluent advice about another topic: matching the
+  reply's topic to the question's is beyond a 1M-parameter model, so this kind stays
+  near chance for it). Rejected replies open with the same polite openers as chosen
+  ones, so that "polite = good" is *not* what a reward model can learn, and a policy
+  that answers "Of course." to everything is not rewarded for it.
+* About 3% of the normal pairs have their labels flipped, as human labels are noisy,
   so no accuracy saturates at 1.0 and a subtle bug shows as a drop below the ceiling.
 * A small share of rows is built to be dropped by each rule of
   `common.filter_edge_cases` (tie, short, length ratio, character limit, unsplittable,
@@ -31,7 +34,7 @@ from pathlib import Path
 
 OUT_DIR = Path(__file__).resolve().parent / "tiny_hh"
 N_TRAIN, N_TEST = 5200, 560
-FLIP_SHARE = 0.05
+FLIP_SHARE = 0.03
 EDGE_SHARE = 0.01  # per filter rule
 
 TOPICS = {
@@ -242,7 +245,7 @@ UNHELPFUL = [
     "That's not something I can answer.",
     "Whatever you decide is probably fine.",
 ]
-REJECT_KINDS = ["off_topic", "rude", "harmful", "evasive", "unhelpful"]
+REJECT_KINDS = {"off_topic": 1, "rude": 3, "harmful": 3, "evasive": 3, "unhelpful": 3}  # kind: weight
 
 
 def sentences(rng, pool, k, x):
@@ -270,8 +273,10 @@ def rejected_reply(rng, kind, topic, x):
     if kind == "off_topic":
         other = rng.choice([t for t in TOPICS if t != topic])
         return helpful_reply(rng, other, rng.choice(TOPICS[other][0]))
+    if kind == "evasive" and rng.random() < 0.3:  # courtesy only: "Sure! Happy to help. Enjoy pasta."
+        return join([*rng.sample(OPENERS[:6], 2), rng.choice(CLOSERS).format(x=x)])
     pool = {"rude": RUDE, "harmful": HARMFUL, "evasive": EVASIVE, "unhelpful": UNHELPFUL}[kind]
-    return join(sentences(rng, pool, rng.randint(2, 3), x))
+    return join([rng.choice(OPENERS), *sentences(rng, pool, rng.randint(2, 3), x)])
 
 
 def normal_pair(rng):
@@ -279,7 +284,8 @@ def normal_pair(rng):
     x = rng.choice(TOPICS[topic][0])
     prompt = conversation(rng, topic, x)
     chosen = f"{prompt} {helpful_reply(rng, topic, x)}"
-    rejected = f"{prompt} {rejected_reply(rng, rng.choice(REJECT_KINDS), topic, x)}"
+    kind = rng.choices(list(REJECT_KINDS), weights=list(REJECT_KINDS.values()))[0]
+    rejected = f"{prompt} {rejected_reply(rng, kind, topic, x)}"
     if rng.random() < FLIP_SHARE:
         chosen, rejected = rejected, chosen
     return {"chosen": chosen, "rejected": rejected}

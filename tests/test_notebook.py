@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import nbformat
 import openai
+import pandas as pd
 import pytest
 from conftest import REPO, run_script
 from nbclient import NotebookClient
@@ -236,7 +237,12 @@ def test_notebook_with_a_local_judge_server(eval_outputs, tmp_path, monkeypatch,
     shutil.copytree(eval_outputs, work, symlinks=True)
     server.queue = [429, "Neither"]  # the first request is rate limited, the retry's answer is invalid
     text = execute_notebook(work, monkeypatch, RLHF_JUDGE_MODEL="fake-gpt", RLHF_JUDGE_BASE_DELAY="0.2")
-    pairs = 12 * 2  # prompts x policies
+    # a (prompt, policy reply, base reply) seen before (DPO may repeat PPO's = base's reply) comes from the cache
+    results = pd.read_excel(work / "rlhf_eval_results_with_base.xlsx", sheet_name="results")
+    pairs = len(
+        {(r.prompt, getattr(r, f"{p}_response"), r.base_response) for r in results.itertuples() for p in ("ppo", "dpo")}
+    )
+    assert pairs > 12  # DPO's replies are mostly its own
     assert f"judge fake-gpt: 12 prompts x 2 policies x 2 orders; {2 * pairs + 2} API requests made" in text
     (t0, _, first), (t1, _, retry), (_, _, asked_again) = server.requests[:3]
     assert t1 - t0 >= 0.2 and first == retry == asked_again  # backed off, then the invalid answer asked again
