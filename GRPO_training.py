@@ -389,9 +389,13 @@ def main(args):
         prompts = [train_prompts[i] for i in order[first : first + args.rollout_batch_size]]
         # 1-5. sample, score, group advantages, reference log-probs, the update(s): `grpo_step` above
         kl_coef = kl_ctl.value if args.adapt_kl else args.kl_coef
-        hint = f"at step {step}: stopped; the last good checkpoint is {ckpt_path} (rerun with --resume, lower --learning_rate)"
+        hint = (
+            f"at step {step}: stopped; the last good checkpoint is {ckpt_path} "
+            "(rerun with --resume and a lower --learning_rate)"
+        )
         samples, all_scores, update_stats = grpo_step(
-            policy, reference, reward_model, tokenizer, reward_tokenizer, optimizer, prompts, args, kl_coef, accelerator, hint
+            policy, reference, reward_model, tokenizer, reward_tokenizer, optimizer, prompts, args, kl_coef,
+            accelerator, hint,
         )  # fmt: skip
         attention_mask, response_ids, mask = samples.attention_mask, samples.response_ids, samples.response_mask
 

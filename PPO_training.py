@@ -474,7 +474,8 @@ def main(args):
         kept = f"the last good checkpoint is {checkpoint_path}" if checkpoint_path.exists() else "no checkpoint yet"
         hint = f"at step {step + 1}: stopped; {kept}; try a lower --learning_rate"
         samples, scores, local, n_tokens = ppo_step(
-            model, ref_model, reward_model, tokenizer, rm_tokenizer, optimizer, prompts, args, kl_ctl.value, accelerator, hint
+            model, ref_model, reward_model, tokenizer, rm_tokenizer, optimizer, prompts, args, kl_ctl.value,
+            accelerator, hint,
         )  # fmt: skip
 
         # metrics: per-process means, then gathered; beta adapts to the mean per-sequence KL of all processes

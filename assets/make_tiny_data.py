@@ -274,7 +274,7 @@ def rejected_reply(rng, kind, topic, x):
         other = rng.choice([t for t in TOPICS if t != topic])
         return helpful_reply(rng, other, rng.choice(TOPICS[other][0]))
     if kind == "evasive" and rng.random() < 0.3:  # courtesy only: "Sure! Happy to help. Enjoy pasta."
-        return join([*rng.sample(OPENERS[:6], 2), rng.choice(CLOSERS).format(x=x)])
+        return join([*rng.sample([o for o in OPENERS if o], 2), rng.choice(CLOSERS).format(x=x)])
     pool = {"rude": RUDE, "harmful": HARMFUL, "evasive": EVASIVE, "unhelpful": UNHELPFUL}[kind]
     return join([rng.choice(OPENERS), *sentences(rng, pool, rng.randint(2, 3), x)])
 

@@ -510,6 +510,31 @@ def bench_dpo(work, meter, impl, batch, out_dir):
 # --- ppo ----------------------------------------------------------------------------------------------------------
 
 
+def time_online_steps(work, meter, step_fn, model, reference, reward_model, script_args, prompts, batch):
+    """Ours for ppo and grpo: the script's step function, `batch` prompts a step, timed after the warm-up steps.
+
+    The reference and reward models are frozen, the trained model stays in eval mode (dropout off) as in the
+    scripts, and the optimizer is the scripts' AdamW.
+    """
+    args, accelerator = work.args, make_accelerator()
+    reference = reference.to(accelerator.device).eval().requires_grad_(False)
+    reward_model = reward_model.to(accelerator.device).eval().requires_grad_(False)
+    model.eval()
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=script_args.learning_rate, weight_decay=script_args.weight_decay
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            meter.start()
+        chunk = prompts[step * batch : (step + 1) * batch]
+        step_fn(
+            model, reference, reward_model, work.tokenizer, work.tokenizer, optimizer, chunk, script_args,
+            script_args.kl_coef, accelerator, "in the benchmark",
+        )  # fmt: skip
+    meter.stop()
+
+
 def bench_ppo(work, meter, impl, batch, out_dir):
     args = work.args
     script_args = ppo.Args(rollout_batch_size=batch)
@@ -555,24 +580,8 @@ def bench_ppo(work, meter, impl, batch, out_dir):
 
     # The script's own step (PPO_training.ppo_step): generate, score, policy/value and reference forwards, KL
     # penalty, GAE, the PPO epochs with the NaN guard; its metrics, sample tables and checkpoints are left out.
-    accelerator = make_accelerator()
-    device = accelerator.device
-    model = ppo.PolicyWithValueHead(policy)
-    reference = reference.to(device).eval().requires_grad_(False)
-    reward_model = reward_model.to(device).eval().requires_grad_(False)
-    model.eval()
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=script_args.learning_rate, weight_decay=script_args.weight_decay
-    )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    for step in range(total):
-        if step == args.warmup:
-            meter.start()
-        ppo.ppo_step(
-            model, reference, reward_model, work.tokenizer, work.tokenizer, optimizer, prompts[step * batch : (step + 1) * batch],
-            script_args, script_args.kl_coef, accelerator, "in the benchmark",
-        )  # fmt: skip
-    meter.stop()
+    time_online_steps(work, meter, ppo.ppo_step, ppo.PolicyWithValueHead(policy), reference, reward_model, script_args,
+                      prompts, batch)  # fmt: skip
 
 
 # --- grpo ---------------------------------------------------------------------------------------------------------
@@ -623,23 +632,7 @@ def bench_grpo(work, meter, impl, batch, out_dir):
 
     # The script's own step (GRPO_training.grpo_step): sample the groups, score, group advantages, reference
     # log-probs, the update with its NaN guard; its metrics, evaluations and checkpoints are left out.
-    accelerator = make_accelerator()
-    device = accelerator.device
-    reference = reference.to(device).eval().requires_grad_(False)
-    reward_model = reward_model.to(device).eval().requires_grad_(False)
-    policy.eval()
-    optimizer = torch.optim.AdamW(
-        policy.parameters(), lr=script_args.learning_rate, weight_decay=script_args.weight_decay
-    )
-    policy, optimizer = accelerator.prepare(policy, optimizer)
-    for step in range(total):
-        if step == args.warmup:
-            meter.start()
-        grpo.grpo_step(
-            policy, reference, reward_model, work.tokenizer, work.tokenizer, optimizer, prompts[step * batch : (step + 1) * batch],
-            script_args, script_args.kl_coef, accelerator, "in the benchmark",
-        )  # fmt: skip
-    meter.stop()
+    time_online_steps(work, meter, grpo.grpo_step, policy, reference, reward_model, script_args, prompts, batch)
 
 
 # --- generate -----------------------------------------------------------------------------------------------------

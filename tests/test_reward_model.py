@@ -197,7 +197,7 @@ def test_tiny_run_learns_the_preference_and_writes_its_outputs(tiny_reward_dir):
 
 @pytest.mark.slow
 def test_tiny_reward_model_is_not_hacked_by_courtesy(tiny_reward_dir):
-    """The "Of course." trap: a polite non-answer must score below a real answer, and an opener must not lift a bad one."""
+    """The "Of course." trap: a polite non-answer scores below a real answer; an opener does not lift a bad one."""
     model, tokenizer = common.load_reward_model(tiny_reward_dir, "cpu")
     prompt = "\n\nHuman: How do I get started with pasta?\n\nAssistant:"
     answer = "Heat the pan over medium heat before you start on pasta, so it cooks evenly. Enjoy pasta."
