@@ -309,7 +309,7 @@ def load_tokenizer(name_or_path):
     """
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a folder without tokenizer files
         raise UserError(f"--model {name_or_path}: cannot load a tokenizer from it ({str(e).splitlines()[0]})") from None
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -621,11 +621,24 @@ def load_checkpoint(path):
     return state
 
 
+def peak_rss_mb():
+    """This process's peak resident memory.
+
+    On Linux it is read from /proc/self/status (VmHWM): `getrusage`'s ru_maxrss carries over the peak
+    of the process that forked this one, so a script started by a large process (a test runner, the
+    preflight) would report that process's memory as its own.
+    """
+    try:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def peak_memory_mb():
     """Peak memory so far: CUDA allocator peak on GPU, the process's peak RSS on CPU."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return peak_rss_mb()
 
 
 class MetricsLogger:

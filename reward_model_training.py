@@ -80,6 +80,9 @@ class Args(CommonArgs):
     # output
     logging_steps: int = field(default=10, metadata={"help": "log the training metrics every N optimizer steps"})
     eval_steps: int = field(default=500, metadata={"help": "evaluate on the validation split every N steps"})
+    max_eval_samples: int = field(
+        default=0, metadata={"help": "evaluate on the first N validation and test pairs (0 = all)"}
+    )
     save_steps: int = field(default=500, metadata={"help": "write a checkpoint to runs/reward_model/ every N steps"})
     save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept in runs/reward_model/"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in runs/reward_model/"})
@@ -233,6 +236,7 @@ def main(args):
         min(args.logging_steps, args.eval_steps, args.save_steps, args.save_total_limit) > 0,
         "--logging_steps, --eval_steps, --save_steps and --save_total_limit must be > 0",
     )
+    check(args.max_eval_samples >= 0, f"--max_eval_samples must be >= 0, got {args.max_eval_samples}")
     run_dir = Path(args.work_dir) / "runs" / RUN_NAME
     checkpoint = last_checkpoint(run_dir)
     if args.resume:
@@ -240,6 +244,8 @@ def main(args):
 
     set_seed(args.seed)  # before the randomly initialised score head is built
     data = load_processed_data(args).select_columns(TOKEN_COLUMNS)
+    for split in ("validation", "test") if args.max_eval_samples else ():
+        data[split] = data[split].select(range(min(args.max_eval_samples, len(data[split]))))
     tokenizer = load_tokenizer(args.model)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1)
