@@ -13,7 +13,14 @@ KV-cached, `top_k=0`, stopped at EOS). Then, per model:
 3. a summary per model: mean reward with a 95% bootstrap interval, the share of prompts
    where it beats base, mean KL, the share of distinct replies and the mean reply length
    (a collapsed policy shows up in these two), and its training cost from the last
-   record of its `metrics.jsonl` (wall time, tokens processed, peak memory).
+   record of its `metrics.jsonl` (wall time, tokens processed, peak memory);
+4. on the tiny preset's own data, the truth beside the proxy: `assets/tiny_oracle.py`
+   (the data generator's grammar, no learning) labels every reply `good` (a real answer)
+   or by what it is instead (off_topic, courtesy_only, refusal, rude, harmful,
+   incoherent, empty); the summary gives each model's `oracle_good` share with a 95%
+   bootstrap interval, the interval of its gain over base (paired by prompt) and the
+   share of every other label. A reward model that scores word salad like an answer
+   shows up here as a high reward and a low `oracle_good`.
 
 Writes into `--work_dir`: `rlhf_eval_results_with_base.xlsx` (sheet `results`: one row
 per prompt; sheet `summary`), `rlhf_eval_responses.jsonl` (the raw text, lossless),
@@ -48,6 +55,8 @@ from common import (
     DPO_DIR,
     GRPO_BEST_DIR,
     PPO_DIR,
+    PROCESSED_DIR,
+    TINY_DATA_DIR,
     CommonArgs,
     check,
     gather_logprobs,
@@ -105,10 +114,20 @@ def sequence_kl(policy, base, samples, temperature):
     return ((logprobs - ref_logprobs) * samples.response_mask).sum(-1)  # (B,)
 
 
-def evaluate_model(name, model, base, tokenizer, prompts, reward_model, rm_tokenizer, args):
-    """Sample one reply per prompt, score it, and (for a policy) its KL to base."""
+def load_oracle(work_dir):
+    """The tiny world's oracle (`assets/tiny_oracle.py`) when processed_data/ holds the bundled tiny data, else None."""
+    stats = json.loads((Path(work_dir) / PROCESSED_DIR / "stats.json").read_text())
+    if Path(stats["dataset"]).resolve() != TINY_DATA_DIR.resolve():
+        return None
+    from assets import tiny_oracle
+
+    return tiny_oracle
+
+
+def evaluate_model(name, model, base, tokenizer, prompts, reward_model, rm_tokenizer, args, oracle=None):
+    """Sample one reply per prompt, score it, (for a policy) its KL to base, and (tiny data) the oracle's label."""
     set_seed(args.seed)  # every model draws from the same random stream
-    out = {"response": [], "reward": [], "kl": [], "length": []}
+    out = {"response": [], "reward": [], "kl": [], "length": [], "oracle": []}
     for i in tqdm(range(0, len(prompts), args.batch_size), desc=f"evaluate {name}"):
         batch = prompts[i : i + args.batch_size]
         samples = generate_responses(
@@ -123,6 +142,8 @@ def evaluate_model(name, model, base, tokenizer, prompts, reward_model, rm_token
         out["length"] += (samples.response_mask * not_eos).sum(-1).tolist()
         if base is not None:
             out["kl"] += sequence_kl(model, base, samples, args.temperature).tolist()
+        if oracle is not None:
+            out["oracle"] += [oracle.judge(p, r) for p, r in zip(batch, samples.responses)]
     return out
 
 
@@ -149,26 +170,43 @@ def training_cost(folder):
     }
 
 
-def summarize(results, costs, args):
-    """One row per model: reward (95% bootstrap CI), share beating base, KL, diversity, length, cost."""
+def oracle_summary(labels, base_labels, labels_order, args):
+    """The oracle's columns of one model: good share (95% CI), its gain over base (paired CI), every label's share."""
+    good, base_good = np.asarray(labels) == "good", np.asarray(base_labels) == "good"
+    low, high = bootstrap_ci(good, args.bootstrap_samples, args.seed)
+    gain_low, gain_high = bootstrap_ci(good.astype(float) - base_good, args.bootstrap_samples, args.seed)
+    return {
+        "oracle_good": good.mean(),
+        "oracle_good_ci_low": low,
+        "oracle_good_ci_high": high,
+        "oracle_gain_ci_low": gain_low,
+        "oracle_gain_ci_high": gain_high,
+        **{f"oracle_{label}": float(np.mean(np.asarray(labels) == label)) for label in labels_order[1:]},
+    }
+
+
+def summarize(results, costs, args, oracle_labels=None):
+    """One row per model: reward (95% bootstrap CI), share beating base, KL, diversity, length, cost,
+    and, where the replies carry oracle labels (`oracle_labels`: every label, "good" first), the oracle's columns."""
     base_rewards = np.asarray(results["base"]["reward"])
     rows = []
     for name, out in results.items():
         rewards = np.asarray(out["reward"])
         low, high = bootstrap_ci(rewards, args.bootstrap_samples, args.seed)
-        rows.append(
-            {
-                "model": name,
-                "reward_mean": rewards.mean(),
-                "reward_ci_low": low,
-                "reward_ci_high": high,
-                "beats_base_share": np.nan if name == "base" else float(np.mean(rewards > base_rewards)),
-                "kl_mean": 0.0 if name == "base" else float(np.mean(out["kl"])),
-                "distinct_share": len(set(out["response"])) / len(out["response"]),
-                "length_mean": float(np.mean(out["length"])),
-                **{k: costs.get(name, {}).get(k, np.nan) for k in ("train_time_s", "train_tokens", "train_peak_mb")},
-            }
-        )
+        row = {
+            "model": name,
+            "reward_mean": rewards.mean(),
+            "reward_ci_low": low,
+            "reward_ci_high": high,
+            "beats_base_share": np.nan if name == "base" else float(np.mean(rewards > base_rewards)),
+            "kl_mean": 0.0 if name == "base" else float(np.mean(out["kl"])),
+            "distinct_share": len(set(out["response"])) / len(out["response"]),
+            "length_mean": float(np.mean(out["length"])),
+            **{k: costs.get(name, {}).get(k, np.nan) for k in ("train_time_s", "train_tokens", "train_peak_mb")},
+        }
+        if oracle_labels:
+            row |= oracle_summary(out["oracle"], results["base"]["oracle"], oracle_labels, args)
+        rows.append(row)
     summary = pd.DataFrame(rows)
     summary["train_tokens"] = summary["train_tokens"].astype("Int64")  # a count, shown without decimals
     return summary
@@ -182,6 +220,8 @@ def results_table(prompts, results):
         columns[f"{name}_reward"] = out["reward"]
         if name != "base":
             columns[f"{name}_kl"] = out["kl"]
+        if out.get("oracle"):
+            columns[f"{name}_oracle"] = out["oracle"]
     return pd.DataFrame(columns)
 
 
@@ -327,9 +367,14 @@ def main(args):
         else:
             print(f"{work_dir / folder} not found: {name} is left out of the evaluation")
 
+    oracle = load_oracle(work_dir)
+    if oracle:
+        print("tiny data: the generator's oracle (assets/tiny_oracle.py) labels every reply beside the reward model")
+
     # sample, score and measure KL, one policy in memory at a time
     print(f"evaluating base and {', '.join(policies) or 'no policy'} on {len(prompts)} test prompts")
-    results = {"base": evaluate_model("base", base, None, tokenizer, prompts, reward_model, rm_tokenizer, args)}
+    score = dict(reward_model=reward_model, rm_tokenizer=rm_tokenizer, args=args, oracle=oracle)
+    results = {"base": evaluate_model("base", base, None, tokenizer, prompts, **score)}
     costs = {}
     for name, folder in policies.items():
         policy = load_causal_lm(folder, tokenizer).to(device).eval()
@@ -338,16 +383,19 @@ def main(args):
             f"{folder} has a vocabulary of {policy.config.vocab_size}, base {args.model} of "
             f"{base.config.vocab_size}: was it trained from another --model?",
         )
-        results[name] = evaluate_model(name, policy, base, tokenizer, prompts, reward_model, rm_tokenizer, args)
+        results[name] = evaluate_model(name, policy, base, tokenizer, prompts, **score)
         costs[name] = training_cost(folder)
         del policy
 
     # save: the table and summary, the raw text, the plots
-    summary = summarize(results, costs, args)
+    summary = summarize(results, costs, args, oracle.LABELS if oracle else None)
     write_xlsx(work_dir / RESULTS_XLSX, results_table(prompts, results), summary)
     write_jsonl(work_dir / RESPONSES_JSONL, test_indices, prompts, results)
     plot_results(work_dir, results, summary)
-    print(summary.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    oracle_columns = [c for c in summary.columns if c.startswith("oracle_")]
+    for columns in ([c for c in summary.columns if c not in oracle_columns], ["model", *oracle_columns]):
+        if len(columns) > 1:
+            print(summary[columns].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     for name in (RESULTS_XLSX, RESPONSES_JSONL, BOXPLOT_PNG, REWARD_VS_KL_PNG, COST_PNG):
         print(f"wrote {work_dir / name}")
 

@@ -4,13 +4,19 @@ Each row is {"chosen": str, "rejected": str}: the same multi-turn conversation
 ("\\n\\nHuman: ...\\n\\nAssistant: ...") ending in two different final replies.
 
 * chosen: helpful, on-topic, concrete advice (sometimes with a polite opener).
-* rejected: one of five failure kinds, in varied wording: rude, harmful,
+* rejected: one of six failure kinds, in varied wording: rude, harmful,
   polite-but-evasive (courtesy words and no content, down to a bare "Sure!"),
-  unhelpful and, rarer, off-topic (fluent advice about another topic: matching the
-  reply's topic to the question's is beyond a 1M-parameter model, so this kind stays
-  near chance for it). Rejected replies open with the same polite openers as chosen
-  ones, so that "polite = good" is *not* what a reward model can learn, and a policy
-  that answers "Of course." to everything is not rewarded for it.
+  unhelpful, incoherent (the word salad an over-optimised policy writes: the chosen
+  reply itself with its words shuffled within or across sentences, its sentences
+  spliced with others, often another topic's, a phrase or a sentence repeated, or cut
+  off mid-sentence; a minimal pair, so the only thing to learn from it is the
+  incoherence, and the opener and closer stay) and, rarer, off-topic (fluent
+  advice about another topic: matching the reply's topic to the question's is beyond
+  a 1M-parameter model, so this kind stays near chance for it). Rejected replies open
+  with the same polite openers as chosen ones, so that "polite = good" is *not* what a
+  reward model can learn, and a policy that answers "Of course." to everything is not
+  rewarded for it. `tiny_oracle.py` beside this file reads any reply back against this
+  grammar: the tiny world's ground truth.
 * About 3% of the normal pairs have their labels flipped, as human labels are noisy,
   so no accuracy saturates at 1.0 and a subtle bug shows as a drop below the ceiling.
 * A small share of rows is built to be dropped by each rule of
@@ -245,7 +251,12 @@ UNHELPFUL = [
     "That's not something I can answer.",
     "Whatever you decide is probably fine.",
 ]
-REJECT_KINDS = {"off_topic": 1, "rude": 3, "harmful": 3, "evasive": 3, "unhelpful": 3}  # kind: weight
+# kind: weight. Incoherence has five forms, so it gets a little more weight than one wording kind.
+REJECT_KINDS = {"off_topic": 1, "rude": 3, "harmful": 3, "evasive": 3, "unhelpful": 3, "incoherent": 4}
+# form: weight. The 1M-parameter reward model learns shuffles and cuts, but not a splice or a repeat within its
+# minute of training (each leaves one odd junction in a fluent reply): those stay rarer, so that pairs it cannot
+# tell apart do not pull its accuracy under 0.90. The oracle knows all five, and DPO learns from all five.
+INCOHERENT_FORMS = {"shuffle_within": 3, "shuffle_across": 3, "splice": 1, "repeat": 1, "cut": 3}
 
 
 def sentences(rng, pool, k, x):
@@ -264,12 +275,76 @@ def conversation(rng, topic, x):
     return text + "\n\nAssistant:"
 
 
+def helpful_parts(rng, topic, x):
+    """(opener, tips, closer) of a helpful reply; the opener and the closer may be empty."""
+    return rng.choice(OPENERS), sentences(rng, TOPICS[topic][1], rng.randint(2, 3), x), rng.choice(CLOSERS).format(x=x)
+
+
 def helpful_reply(rng, topic, x):
-    tips = TOPICS[topic][1]
-    return join([rng.choice(OPENERS), *sentences(rng, tips, rng.randint(2, 3), x), rng.choice(CLOSERS).format(x=x)])
+    opener, tips, closer = helpful_parts(rng, topic, x)
+    return join([opener, *tips, closer])
+
+
+def sentence_words(sentence):
+    """A sentence's words without its final stop, the first one in lower case (no tip opens with a name)."""
+    text = sentence.rstrip(".!")
+    return (text[:1].lower() + text[1:]).split()
+
+
+def as_sentence(words, stop="."):
+    text = " ".join(words).rstrip(",")
+    return text[:1].upper() + text[1:] + stop
+
+
+def incoherent_reply(rng, topic, x, form=None, parts=None):
+    """A helpful reply (`parts`, default a fresh one) made into something no person reads as an answer.
+
+    Its opener and closer stay, so that neither tells an answer from salad; `form` is random by default.
+    """
+    opener, tips, closer = parts or helpful_parts(rng, topic, x)
+    tips = [sentence_words(s) for s in tips]
+    form = rng.choices(list(INCOHERENT_FORMS), weights=list(INCOHERENT_FORMS.values()))[0] if form is None else form
+    if form == "shuffle_within":  # one or more sentences with their words in a new order
+        for sentence in rng.sample(tips, rng.randint(1, len(tips))):
+            original = list(sentence)
+            while sentence == original:
+                rng.shuffle(sentence)
+        body = [as_sentence(w) for w in tips]
+    elif form == "shuffle_across":  # the words of all sentences mixed, each sentence keeps its length
+        pool = [w for sentence in tips for w in sentence]
+        rng.shuffle(pool)
+        body, start = [], 0
+        for sentence in tips:
+            body.append(as_sentence(pool[start : start + len(sentence)]))
+            start += len(sentence)
+    elif form == "splice":  # the start of one sentence glued to the end of another, often another topic's
+        body = []
+        for sentence in tips:
+            spliced = sentence
+            while spliced == sentence:  # the same template cut at the same word gives the sentence back
+                other = rng.choice(list(TOPICS)) if rng.random() < 0.7 else topic
+                tail = sentence_words(rng.choice(TOPICS[other][1]).format(x=rng.choice(TOPICS[other][0])))
+                spliced = sentence[: rng.randint(2, len(sentence) - 2)] + tail[rng.randint(2, len(tail) - 2) :]
+            body.append(as_sentence(spliced))
+    elif form == "repeat":  # a phrase said again and again, or a whole sentence twice
+        i = rng.randrange(len(tips))
+        if rng.random() < 0.5:
+            at = rng.randint(0, len(tips[i]) - 3)
+            tips[i][at:at] = tips[i][at : at + rng.randint(2, 4)] * rng.randint(1, 3)
+            body = [as_sentence(w) for w in tips]
+        else:
+            body = [as_sentence(w) for w in tips]
+            body.insert(i + 1, body[i])
+    else:  # "cut": stops in the middle of a sentence, so no closer follows
+        body = [as_sentence(w) for w in tips[:-1]]
+        body.append(as_sentence(tips[-1][: rng.randint(2, len(tips[-1]) - 2)], stop=""))
+        closer = ""
+    return join([opener, *body, closer])
 
 
 def rejected_reply(rng, kind, topic, x):
+    if kind == "incoherent":
+        return incoherent_reply(rng, topic, x)
     if kind == "off_topic":
         other = rng.choice([t for t in TOPICS if t != topic])
         return helpful_reply(rng, other, rng.choice(TOPICS[other][0]))
@@ -283,9 +358,13 @@ def normal_pair(rng):
     topic = rng.choice(list(TOPICS))
     x = rng.choice(TOPICS[topic][0])
     prompt = conversation(rng, topic, x)
-    chosen = f"{prompt} {helpful_reply(rng, topic, x)}"
+    parts = helpful_parts(rng, topic, x)
+    chosen = f"{prompt} {join([parts[0], *parts[1], parts[2]])}"
     kind = rng.choices(list(REJECT_KINDS), weights=list(REJECT_KINDS.values()))[0]
-    rejected = f"{prompt} {rejected_reply(rng, kind, topic, x)}"
+    if kind == "incoherent":  # a minimal pair: the chosen reply itself, made incoherent
+        rejected = f"{prompt} {incoherent_reply(rng, topic, x, parts=parts)}"
+    else:
+        rejected = f"{prompt} {rejected_reply(rng, kind, topic, x)}"
     if rng.random() < FLIP_SHARE:
         chosen, rejected = rejected, chosen
     return {"chosen": chosen, "rejected": rejected}

@@ -9,6 +9,11 @@ invent further turns instead of ending its own). After `\\n\\nAssistant:` it the
 writes on-format replies, good and bad ones, and ends its turn with EOS: the starting
 point RLHF needs, a model whose samples vary in quality.
 
+The incoherent rejected replies (word salad, `tiny_oracle.coherent_sentences`) are left out of its
+training text, as a pretrained GPT-2 never read salad written on purpose: the model knows
+what fluent text is, so the reward model built on it can learn to tell salad apart, and
+the salad it still writes is its own (what a policy drifting from it writes too).
+
 Everything is loaded later with `from_pretrained(path)`, exactly as `gpt2` is.
 Deterministic on one machine (fixed seed, fixed thread count, deterministic kernels).
 
@@ -25,6 +30,8 @@ from tokenizers import ByteLevelBPETokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tiny_oracle import coherent_sentences  # noqa: E402
+
 from common import (  # noqa: E402
     TINY_DATA_DIR,
     TINY_MODEL_DIR,
@@ -36,7 +43,7 @@ from common import (  # noqa: E402
 EOS = "<|endoftext|>"
 VOCAB_SIZE = 2048
 CONFIG = dict(n_positions=512, n_embd=128, n_layer=4, n_head=4)
-STEPS, BATCH_SIZE, MAX_LENGTH, LR = 500, 32, 192, 2e-3
+STEPS, BATCH_SIZE, MAX_LENGTH, LR = 1500, 32, 192, 2e-3
 
 
 def build_tokenizer(texts, out_dir):
@@ -55,6 +62,8 @@ def main(out_dir=TINY_MODEL_DIR, seed=0, steps=STEPS):
     data = load_preference_data(str(TINY_DATA_DIR))["train"]
     texts = list(data["chosen"]) + list(data["rejected"])
     pairs = [split for split in map(split_conversation, texts) if split and split[1]]
+    fluent = [(prompt, reply) for prompt, reply in pairs if coherent_sentences(reply) is not None]
+    print(f"{len(fluent)} replies to learn from ({len(pairs) - len(fluent)} incoherent ones left out)")
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp-build")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -71,7 +80,7 @@ def main(out_dir=TINY_MODEL_DIR, seed=0, steps=STEPS):
     print(f"tiny GPT-2: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     # (prompt ids, reply ids + EOS), the prompt cut from the left to fit MAX_LENGTH
     examples = []
-    for prompt, reply in pairs:
+    for prompt, reply in fluent:
         reply_ids = tokenizer(" " + reply)["input_ids"][: MAX_LENGTH // 2] + [tokenizer.eos_token_id]
         examples.append((tokenizer(prompt)["input_ids"][-(MAX_LENGTH - len(reply_ids)) :], reply_ids))
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)

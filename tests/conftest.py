@@ -22,7 +22,13 @@ def run_script(script, *argv, check=True, timeout=900):
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+        # one BLAS thread, as run_pipeline.sh runs the tiny preset: the tests then train what the pipeline trains
+        env={
+            **__import__("os").environ,
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": "1",
+        },
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -51,3 +57,14 @@ def work(tiny_reward_dir, tmp_path):
     for name in ("processed_data", "final_reward_model"):
         (tmp_path / name).symlink_to(tiny_reward_dir / name)
     return tmp_path
+
+
+def evaluate_against_base(work):
+    """`evaluate_models.py --preset tiny` on a work dir, as a user runs it: its summary sheet, one row per model.
+
+    On the tiny data the summary carries the oracle's columns (`oracle_good`, `oracle_gain_ci_low`, ...),
+    the truth about the replies that a learning test checks beside the reward model's score."""
+    import pandas as pd
+
+    run_script("evaluate_models.py", "--preset", "tiny", "--work_dir", work)
+    return pd.read_excel(work / "rlhf_eval_results_with_base.xlsx", sheet_name="summary").set_index("model")

@@ -131,6 +131,14 @@ def test_tiny_data_generator_is_deterministic(tmp_path):
         r for r in rows if "happy to help with that" in r["rejected"] and "happy to help with that" not in r["chosen"]
     ]
     assert evasive, "polite-but-empty rejected replies keep 'polite = good' from being learnable"
+    # word salad is a rejected kind, each a minimal pair: the chosen reply made incoherent
+    from assets import tiny_oracle
+
+    kept = [r for r in rows if common.drop_reason(r) is None]
+    salad = [r for r in kept if tiny_oracle.coherent_sentences(common.split_conversation(r["rejected"])[1]) is None]
+    weights = make_tiny_data.REJECT_KINDS
+    share = weights["incoherent"] / sum(weights.values()) * (1 - make_tiny_data.FLIP_SHARE)
+    assert len(salad) / len(kept) == pytest.approx(share, abs=0.04)
 
 
 def test_tiny_base_model_writes_on_format_replies_and_ends_its_turn():

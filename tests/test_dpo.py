@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, run_script
+from conftest import REPO, evaluate_against_base, run_script
 from safetensors.torch import load_file
 
 import common
@@ -303,12 +303,12 @@ def test_two_processes_train_identical_weights(tiny_data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_run_learns_the_preferences(tiny_data_dir):
+def test_tiny_run_learns_the_preferences(work):
     """The tiny preset end to end: from loss log 2 and no reward margin at step 0 (the policy is the reference)
-    to a validation implicit-reward accuracy >= 0.8 and a loss well below log 2."""
-    proc = run_script("DPO_training.py", "--preset", "tiny", "--work_dir", tiny_data_dir)
+    to a validation implicit-reward accuracy >= 0.8 and a loss well below log 2; then more real answers than base."""
+    proc = run_script("DPO_training.py", "--preset", "tiny", "--work_dir", work)
     assert "validation: loss" in proc.stdout
-    out = tiny_data_dir / common.DPO_DIR
+    out = work / common.DPO_DIR
     for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "dpo_curves.png", "args.json"):
         assert (out / name).is_file(), name
     assert json.loads((out / "args.json").read_text())["learning_rate"] == dpo.TINY["learning_rate"]
@@ -321,7 +321,12 @@ def test_tiny_run_learns_the_preferences(tiny_data_dir):
     final = evals[-1]
     assert final["eval/rewards/accuracies"] >= 0.8 and final["eval/rewards/margins"] > 0
     assert final["eval/loss"] < math.log(2) - 0.25
-    assert (tiny_data_dir / "runs/dpo/checkpoint.pt").is_file()
+    assert (work / "runs/dpo/checkpoint.pt").is_file()
+
+    # the truth, not the proxy: more real answers than base (the tiny oracle), by a margin its 95% interval clears
+    summary = evaluate_against_base(work)
+    assert summary.loc["dpo", "oracle_gain_ci_low"] > 0, summary.T
+    assert summary.loc["dpo", "distinct_share"] >= 0.9
 
 
 def test_help_lists_every_field_with_its_default(capsys):

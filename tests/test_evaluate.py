@@ -13,11 +13,13 @@ from datasets import load_from_disk
 from transformers import AutoModelForCausalLM
 
 import common
+from assets import tiny_oracle as oracle
 from common import DPO_DIR, GRPO_BEST_DIR, PPO_DIR, PROCESSED_DIR, REWARD_MODEL_DIR, UserError, parse_args
 from evaluate_models import (
     TINY,
     Args,
     bootstrap_ci,
+    load_oracle,
     main,
     results_table,
     sequence_kl,
@@ -123,6 +125,37 @@ def test_summary_against_hand_values(tmp_path):
     assert summary.loc["ppo", "train_tokens"] == 1000 and pd.isna(summary.loc["base", "train_tokens"])
     table = results_table(["p1", "p2", "p3"], results)
     assert list(table.columns) == ["prompt", "base_response", "base_reward", "ppo_response", "ppo_reward", "ppo_kl"]
+    assert not any(c.startswith("oracle") for c in summary.columns)  # no labels, no oracle columns
+
+
+def test_oracle_columns_against_hand_values():
+    labels = ("good", "rude", "incoherent")
+    results = {
+        "base": {"response": ["a", "b", "c", "d"], "reward": [0.0] * 4, "kl": [], "length": [1] * 4},
+        "ppo": {"response": ["w", "x", "y", "z"], "reward": [1.0] * 4, "kl": [1.0] * 4, "length": [1] * 4},
+    }
+    results["base"]["oracle"] = ["good", "rude", "incoherent", "rude"]
+    results["ppo"]["oracle"] = ["good", "good", "good", "incoherent"]
+    args = parse_args(Args, TINY, ["--preset", "tiny", "--bootstrap_samples", "500"])
+    summary = summarize(results, {}, args, oracle_labels=labels).set_index("model")
+    assert summary.loc["base", "oracle_good"] == 0.25 and summary.loc["ppo", "oracle_good"] == 0.75
+    assert summary.loc["base", "oracle_rude"] == 0.5 and summary.loc["base", "oracle_incoherent"] == 0.25
+    assert summary.loc["ppo", "oracle_rude"] == 0.0 and summary.loc["ppo", "oracle_incoherent"] == 0.25
+    # paired by prompt: gains (0, 1, 1, 0), so the interval spans [0, 1]; base against itself is exactly 0
+    assert summary.loc["ppo", "oracle_gain_ci_low"] >= 0 and summary.loc["ppo", "oracle_gain_ci_high"] <= 1
+    assert summary.loc["ppo", "oracle_gain_ci_high"] > summary.loc["ppo", "oracle_gain_ci_low"]
+    assert summary.loc["base", ["oracle_gain_ci_low", "oracle_gain_ci_high"]].tolist() == [0.0, 0.0]
+    assert summary.loc["ppo", "oracle_good_ci_low"] <= 0.75 <= summary.loc["ppo", "oracle_good_ci_high"]
+    assert "oracle_empty" not in summary  # only the labels asked for
+    table = results_table(["p1", "p2", "p3", "p4"], results)
+    assert list(table["ppo_oracle"]) == results["ppo"]["oracle"] and "base_oracle" in table
+
+
+def test_the_oracle_applies_to_the_bundled_tiny_data_only(tmp_path):
+    (tmp_path / PROCESSED_DIR).mkdir()
+    for dataset, expected in ((str(common.TINY_DATA_DIR), True), ("Anthropic/hh-rlhf", False), ("/data/hh", False)):
+        (tmp_path / PROCESSED_DIR / "stats.json").write_text(json.dumps({"dataset": dataset}))
+        assert (load_oracle(tmp_path) is not None) == expected, dataset
 
 
 def test_training_cost_reads_the_last_record(tmp_path, capsys):
@@ -167,14 +200,20 @@ def test_evaluate_end_to_end_tiny(eval_work):
     assert list(sheets) == ["results", "summary"]
     table = sheets["results"]
     assert list(table.columns) == [
-        "prompt", "base_response", "base_reward", "ppo_response", "ppo_reward", "ppo_kl",
-        "grpo_response", "grpo_reward", "grpo_kl", "dpo_response", "dpo_reward", "dpo_kl",
+        "prompt", "base_response", "base_reward", "base_oracle",
+        "ppo_response", "ppo_reward", "ppo_kl", "ppo_oracle",
+        "grpo_response", "grpo_reward", "grpo_kl", "grpo_oracle",
+        "dpo_response", "dpo_reward", "dpo_kl", "dpo_oracle",
     ]  # fmt: skip
     assert len(table) == 40
     assert list(sheets["summary"].columns) == [
         "model", "reward_mean", "reward_ci_low", "reward_ci_high", "beats_base_share", "kl_mean",
         "distinct_share", "length_mean", "train_time_s", "train_tokens", "train_peak_mb",
+        "oracle_good", "oracle_good_ci_low", "oracle_good_ci_high", "oracle_gain_ci_low", "oracle_gain_ci_high",
+        "oracle_off_topic", "oracle_courtesy_only", "oracle_refusal", "oracle_rude", "oracle_harmful",
+        "oracle_incoherent", "oracle_empty",
     ]  # fmt: skip
+    assert "the generator's oracle" in proc.stdout and "oracle_good" in proc.stdout
     summary = pd.read_excel(eval_work / "rlhf_eval_results_with_base.xlsx", sheet_name="summary").set_index("model")
     assert list(summary.index) == ["base", "ppo", "grpo", "dpo"]
     assert summary.loc["grpo", "train_tokens"] == 9000 and math.isnan(summary.loc["dpo", "train_time_s"])
@@ -183,6 +222,10 @@ def test_evaluate_end_to_end_tiny(eval_work):
 
     # a copy of base, sampled under the same seed, is base: same replies, same rewards, KL 0
     assert (table["ppo_response"] == table["base_response"]).all()
+    assert (table["ppo_oracle"] == table["base_oracle"]).all()
+    assert set(table["base_oracle"]) <= set(oracle.LABELS)
+    oracle_shares = summary.loc[:, [c for c in summary.columns if c.startswith("oracle_") and "_ci_" not in c]]
+    np.testing.assert_allclose(oracle_shares.sum(axis=1), 1.0)  # good + every other label: all replies
     np.testing.assert_allclose(table["ppo_reward"], table["base_reward"], atol=1e-6)
     assert table["ppo_kl"].abs().max() < 1e-4
     # a perturbed copy drifts: a positive mean KL (the per-sample estimate may dip below 0)
@@ -195,6 +238,8 @@ def test_evaluate_end_to_end_tiny(eval_work):
     assert all(CONTROL in r["prompt"] for r in records)
     assert all("\\x07\\x1b" in p and CONTROL not in p for p in table["prompt"])
     assert [r["grpo_response"] for r in records] == list(table["grpo_response"])
+    assert [r["dpo_oracle"] for r in records] == list(table["dpo_oracle"])
+    assert all(r["dpo_oracle"] == oracle.judge(r["prompt"], r["dpo_response"]) for r in records)
     np.testing.assert_allclose([r["dpo_kl"] for r in records], table["dpo_kl"], rtol=1e-6)
 
 

@@ -242,7 +242,7 @@ def compare_with_base(work, folder, num_prompts=150):
 
 @pytest.mark.slow
 def test_tiny_run_writes_both_folders_and_beats_the_base_model(work):
-    from conftest import run_script
+    from conftest import evaluate_against_base, run_script
 
     run_script("GRPO_training.py", "--preset", "tiny", "--work_dir", work)
     for name in (GRPO_BEST_DIR, GRPO_FINAL_DIR):
@@ -265,6 +265,11 @@ def test_tiny_run_writes_both_folders_and_beats_the_base_model(work):
     assert tuned["reward"] - base["reward"] > 3 * math.hypot(base["reward_se"], tuned["reward_se"])
     assert tuned["distinct_share"] >= 0.5
     assert tuned["length"] >= 0.5 * base["length"]
+
+    # the truth, not the proxy: more real answers than base (the tiny oracle), by a margin its 95% interval clears
+    summary = evaluate_against_base(work)
+    assert summary.loc["grpo", "oracle_gain_ci_low"] > 0, summary.T
+    assert summary.loc["grpo", "distinct_share"] >= 0.9
 
 
 def free_port():

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, run_script
+from conftest import REPO, evaluate_against_base, run_script
 
 import PPO_training as ppo
 from common import (
@@ -304,6 +304,11 @@ def test_tiny_run_writes_its_folder_and_beats_the_base_model(work):
     assert math.isfinite(tuned["kl"]) and tuned["kl"] > 0
     assert tuned["distinct_share"] >= 0.5
     assert tuned["length"] >= 0.5 * base["length"]
+
+    # the truth, not the proxy: more real answers than base (the tiny oracle), by a margin its 95% interval clears
+    summary = evaluate_against_base(work)
+    assert summary.loc["ppo", "oracle_gain_ci_low"] > 0, summary.T
+    assert summary.loc["ppo", "distinct_share"] >= 0.9
 
 
 def free_port():

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -153,7 +154,8 @@ def untrained_test_accuracy(work_dir):
     return (r_c > r_r).float().mean().item()
 
 
-# 3% of the tiny labels are flipped (ceiling ~0.97) and the rare off-topic kind stays near chance: 0.93 measured.
+# 3% of the tiny labels are flipped, and the off-topic, splice and repeat pairs (1 in 10) stay near chance:
+# a ceiling of ~0.92; 0.922 measured.
 MIN_TEST_ACCURACY = 0.90
 
 
@@ -206,6 +208,46 @@ def test_tiny_reward_model_is_not_hacked_by_courtesy(tiny_reward_dir):
     replies = [answer, *courtesy, rude, "Sure! " + rude]
     scores = common.get_reward(model, tokenizer, [prompt] * len(replies), replies, max_length=256).tolist()
     assert all(scores[0] > s + 1.0 for s in scores[1:]), dict(zip(replies, scores))
+
+
+def mean_scores_of_fresh_draws(reward_dir, forms, n=60, seed=2024):
+    """Mean reward of `n` fresh real answers, and of `n` replies of each incoherent form on the same prompts."""
+    from assets import make_tiny_data as gen
+
+    model, tokenizer = common.load_reward_model(reward_dir, "cpu")
+    rng = random.Random(seed)
+    prompts, answers, salad = [], [], {form: [] for form in forms}
+    for _ in range(n):
+        topic = rng.choice(list(gen.TOPICS))
+        x = rng.choice(gen.TOPICS[topic][0])
+        prompts.append(gen.conversation(rng, topic, x))
+        answers.append(gen.helpful_reply(rng, topic, x))
+        for form in forms:
+            salad[form].append(gen.incoherent_reply(rng, topic, x, form=form))
+
+    def mean_score(replies):
+        return common.get_reward(model, tokenizer, prompts, replies, max_length=256).mean().item()
+
+    return mean_score(answers), {form: mean_score(replies) for form, replies in salad.items()}
+
+
+@pytest.mark.slow
+def test_tiny_reward_model_tells_shuffled_and_cut_salad_from_an_answer(tiny_reward_dir):
+    """Shuffled words (within a sentence or across the reply) and a reply cut mid-sentence score at least 1.0
+    below a real answer, on average over fresh draws from the generator (not the training pairs)."""
+    answer, scores = mean_scores_of_fresh_draws(tiny_reward_dir, ["shuffle_within", "shuffle_across", "cut"])
+    assert all(answer - score >= 1.0 for score in scores.values()), (answer, scores)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="the 1M-parameter reward model does not learn a splice or a repeat (one odd junction in a fluent "
+    "reply) in its minute of training: measured gap ~0 (README, Known limits); the tiny oracle sees them",
+)
+def test_tiny_reward_model_tells_spliced_and_repeated_salad_from_an_answer(tiny_reward_dir):
+    answer, scores = mean_scores_of_fresh_draws(tiny_reward_dir, ["splice", "repeat"])
+    assert all(answer - score >= 1.0 for score in scores.values()), (answer, scores)
 
 
 def work_dir_with_data(tmp_path, tiny_data_dir):
