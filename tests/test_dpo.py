@@ -245,8 +245,10 @@ def test_precomputed_reference_and_accumulation_train_the_same(tiny_data_dir, tm
     """Reference log-probs looked up from the table == computed each step; 2 x 2 accumulated == 4 at once.
 
     Float noise in near-zero gradients can flip the sign of Adam's first (~lr-sized) steps, so
-    weights are compared to a fraction of lr; the step-1 gradient norm pins the accumulated
-    gradient's scale, which Adam's update would hide.
+    weights are compared to a fraction of lr, with room for the rare element whose gradient is
+    noise (1 of 1.1M in the tiny model measured at 0.27 lr; no element can move more than 2 lr in
+    2 steps); the step-1 gradient norm pins the accumulated gradient's scale, which Adam's update
+    would hide.
     """
     argv = (*SHORT, "--max_steps", 2, "--eval_steps", 0, "--learning_rate", 1e-3, "--logging_steps", 1)
     runs = {
@@ -265,7 +267,9 @@ def test_precomputed_reference_and_accumulation_train_the_same(tiny_data_dir, tm
         assert first["train/grad_norm"] == pytest.approx(records["base"][0]["train/grad_norm"], rel=1e-4)
         for key in ("dpo/loss", "dpo/rewards/margins", "dpo/kl"):
             assert second[key] == pytest.approx(records["base"][1][key], rel=1e-3, abs=1e-4), (name, key)
-        assert same_weights(trained[name], trained["base"], atol=2e-4), name
+        diffs = torch.cat([(trained[name][k] - trained["base"][k]).abs().flatten() for k in trained["base"]])
+        assert trained[name].keys() == trained["base"].keys() and diffs.max() <= 2e-3, name  # 2 lr
+        assert (diffs > 2e-4).float().mean() <= 1e-5, (name, int((diffs > 2e-4).sum()))  # 0.2 lr
 
 
 @pytest.mark.slow
