@@ -256,7 +256,9 @@ def test_missing_policies_are_reported_and_left_out(eval_work, tmp_path, capsys)
     assert f"{work / PPO_DIR} not found: ppo is left out of the evaluation" in out
     assert f"{work / DPO_DIR} not found: dpo is left out of the evaluation" in out
     table = pd.read_excel(work / "rlhf_eval_results_with_base.xlsx", sheet_name="results")
-    assert list(table.columns) == ["prompt", "base_response", "base_reward", "grpo_response", "grpo_reward", "grpo_kl"]
+    assert list(table.columns) == [
+        "prompt", "base_response", "base_reward", "base_oracle", "grpo_response", "grpo_reward", "grpo_kl", "grpo_oracle"
+    ]  # fmt: skip
     # a rerun gives the same table (and keeps the first one as .prev)
     main(parse_args(Args, TINY, argv))
     again = pd.read_excel(work / "rlhf_eval_results_with_base.xlsx", sheet_name="results")
