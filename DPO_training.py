@@ -57,9 +57,11 @@ from transformers import get_linear_schedule_with_warmup
 
 from common import (
     DPO_DIR,
+    FINISHING,
     CommonArgs,
     MetricsLogger,
     check,
+    check_resumable,
     gather_logprobs,
     join_conversation,
     load_causal_lm,
@@ -68,6 +70,7 @@ from common import (
     load_tokenizer,
     make_accelerator,
     plot_metrics,
+    remove_leftovers,
     response_logits,
     run,
     save_args,
@@ -398,7 +401,10 @@ def main(args):
     is_main = accelerator.is_main_process
     run_dir = Path(args.work_dir) / "runs" / RUN_NAME
     checkpoint_path = run_dir / "checkpoint.pt"
-    check(not args.resume or checkpoint_path.is_file(), f"--resume: no checkpoint at {checkpoint_path}")
+    if args.resume:
+        check_resumable(checkpoint_path)
+    if is_main:
+        remove_leftovers(run_dir, args.work_dir)
     set_seed(args.seed)
 
     # data: token ids of every pair, a seeded shuffle per epoch
@@ -438,15 +444,15 @@ def main(args):
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(args.warmup_ratio * total_steps) * num_processes, total_steps * num_processes
     )
-    step = 0
+    step, eval_metrics = 0, None
     if args.resume:
         state = load_checkpoint(checkpoint_path)
         policy.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
-        check(step < total_steps, f"--resume: the checkpoint is at step {step} of {total_steps}; raise --max_steps")
-        print(f"resumed from {checkpoint_path} at step {step}")
+        step, eval_metrics = state["step"], state.get("last_eval")
+        check(step <= total_steps, f"--resume: the checkpoint is at step {step} of {total_steps}; raise --max_steps")
+        print(f"resumed from {checkpoint_path} at step {step}{FINISHING if step == total_steps else ''}")
     policy, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         policy, optimizer, train_loader, val_loader, scheduler
     )
@@ -463,7 +469,7 @@ def main(args):
         logger.add_tokens(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum").item())
 
     ref_tables = {"train": None, "validation": None}
-    if args.precompute_ref_logps:
+    if args.precompute_ref_logps and step < total_steps:
         in_order = accelerator.prepare(
             DataLoader(train_set, batch_size=args.per_device_eval_batch_size, collate_fn=collate)
         )
@@ -481,14 +487,18 @@ def main(args):
         accelerator.wait_for_everyone()
         if is_main:
             state = {"model": unwrap(policy).state_dict(), "optimizer": optimizer.state_dict()}
-            save_checkpoint(checkpoint_path, state | {"scheduler": scheduler.state_dict(), "step": step})
+            state |= {"scheduler": scheduler.state_dict(), "step": step, "last_eval": eval_metrics}
+            save_checkpoint(checkpoint_path, state)
             plot_metrics(logger.path, PLOT_KEYS, run_dir / f"{RUN_NAME}_curves.png", title="DPO")
 
     last_saved = step if args.resume else None
     window, tokens = [], 0  # per-pair stats and tokens since the last log
     bar = tqdm(total=total_steps, initial=step, desc="dpo", disable=not is_main)
     policy.train()
-    for epoch in range(step // steps_per_epoch, math.ceil(total_steps / steps_per_epoch)):
+    epochs = range(step // steps_per_epoch, math.ceil(total_steps / steps_per_epoch))
+    if step == total_steps:  # resumed at the last step: only the save is left
+        epochs = []
+    for epoch in epochs:
         train_loader.set_epoch(epoch)
         done = (step - epoch * steps_per_epoch) * args.gradient_accumulation_steps  # batches already trained on
         for i, batch in enumerate(train_loader):
@@ -527,6 +537,8 @@ def main(args):
         if step == total_steps:
             break
     bar.close()
+    if eval_metrics is None:  # resumed at the end from a checkpoint written before they were kept in it
+        eval_metrics = evaluate_and_count()
 
     # the final evaluation ran at the last step above; save the policy
     if is_main:
@@ -535,6 +547,7 @@ def main(args):
             f"implicit-reward accuracy {eval_metrics['eval/rewards/accuracies']:.3f}, "
             f"margin {eval_metrics['eval/rewards/margins']:.3f}, kl {eval_metrics['eval/kl']:.2f}"
         )
+        plot_metrics(logger.path, PLOT_KEYS, run_dir / f"{RUN_NAME}_curves.png", title="DPO")
         save_pretrained_atomic(
             Path(args.work_dir) / DPO_DIR,
             policy,
@@ -551,4 +564,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run(main, Args, TINY)
+    run(main, Args, TINY, checkpoint=lambda args: Path(args.work_dir) / "runs" / RUN_NAME / "checkpoint.pt")

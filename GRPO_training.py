@@ -40,6 +40,7 @@ Deliberate departures from the paper:
 
 import copy
 import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,13 +50,16 @@ from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from common import (
+    FINISHING,
     GRPO_BEST_DIR,
     GRPO_FINAL_DIR,
+    RUN_ID_FILE,
     AdaptiveKLController,
     CommonArgs,
     MetricsLogger,
     atomic_write_json,
     check,
+    check_resumable,
     entropy_from_logits,
     gather_logprobs,
     generate_responses,
@@ -68,6 +72,7 @@ from common import (
     make_accelerator,
     masked_mean,
     plot_metrics,
+    remove_leftovers,
     response_logits,
     run,
     save_args,
@@ -323,11 +328,14 @@ def main(args):
     check(not args.adapt_kl or args.target_kl > 0, f"--target_kl must be > 0 with --adapt_kl, got {args.target_kl}")
     run_dir = Path(args.work_dir) / "runs" / "grpo"
     ckpt_path = run_dir / "checkpoint.pt"
-    check(not args.resume or ckpt_path.is_file(), f"--resume: no checkpoint at {ckpt_path}; start without --resume")
+    if args.resume:
+        check_resumable(ckpt_path)
 
     accelerator = make_accelerator()
     is_main, device = accelerator.is_main_process, accelerator.device
     world, rank = accelerator.num_processes, accelerator.process_index
+    if is_main:
+        remove_leftovers(run_dir, args.work_dir)
     set_seed(args.seed)
 
     # data: train prompts for rollouts, a fixed slice of validation prompts for evaluation
@@ -343,22 +351,24 @@ def main(args):
     tokenizer = load_tokenizer(args.model)
     policy = load_causal_lm(args.model, tokenizer)
     reference = copy.deepcopy(policy).to(device).requires_grad_(False)
-    reward_model, reward_tokenizer = load_reward_model(args.work_dir, device)
+    reward_model, reward_tokenizer = load_reward_model(args.work_dir, device, args)
     policy.eval()  # dropout off: the loss's log-probs are those of the policy that sampled
     reference.eval()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)
 
-    start_step, best = 0, None
+    # one id per run, written into both output folders: evaluation can tell a pair from two runs
+    start_step, best, run_id = 0, None, uuid.uuid4().hex[:12]
     if args.resume:
         state = load_checkpoint(ckpt_path)
         unwrap(policy).load_state_dict(state["policy"])
         optimizer.load_state_dict(state["optimizer"])
         start_step, best, kl_ctl.value = state["step"], state["best"], state["kl_coef"]
-        check(start_step < args.total_steps, f"--resume: the checkpoint is at step {start_step} >= --total_steps")
+        run_id = state.get("run_id", run_id)
+        check(start_step <= args.total_steps, f"--resume: the checkpoint is at step {start_step} > --total_steps")
         if is_main:
-            print(f"resumed from {ckpt_path} at step {start_step}")
+            print(f"resumed from {ckpt_path} at step {start_step}{FINISHING if start_step == args.total_steps else ''}")
     logger = MetricsLogger(run_dir / "metrics.jsonl", resume_step=start_step if args.resume else None, enabled=is_main)
     if is_main:
         save_args(args, run_dir / "args.json")
@@ -375,8 +385,9 @@ def main(args):
             torch.tensor(gather_object(result["lengths"].tolist())),
         )
         if is_main:
+            tqdm.write(f"step {step} | mean eval reward {summary['reward']:+.3f} over {len(eval_prompts)} prompts")
             for score, reply in list(zip(result["scores"].tolist(), result["replies"]))[:2]:
-                tqdm.write(f"step {step} | eval reward {score:+.2f} | {reply[:100]!r}")
+                tqdm.write(f"    a reply scored {score:+.2f}: {reply[:100]!r}")
         return {f"eval/{k}": v for k, v in summary.items()}
 
     if best is None:  # the base model is the first candidate: grpo_best/ is never worse than it on this set
@@ -433,7 +444,7 @@ def main(args):
         logger.log(step, metrics)
         progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{kl_per_reply:.3f}")
 
-        if step % args.save_every == 0:
+        if step % args.save_every == 0 or step == args.total_steps:
             if is_main:
                 save_checkpoint(
                     ckpt_path,
@@ -443,6 +454,7 @@ def main(args):
                         "step": step,
                         "best": best,
                         "kl_coef": kl_ctl.value,
+                        "run_id": run_id,
                     },
                 )
                 plot_metrics(run_dir / "metrics.jsonl", CURVES, run_dir / "grpo_curves.png", "GRPO")
@@ -455,6 +467,7 @@ def main(args):
             "metrics.jsonl": lambda p: shutil.copy(run_dir / "metrics.jsonl", p),
             "grpo_curves.png": lambda p: shutil.copy(run_dir / "grpo_curves.png", p),
             "args.json": lambda p: shutil.copy(run_dir / "args.json", p),
+            RUN_ID_FILE: lambda p: atomic_write_json(p, {"run_id": run_id}),
         }
         save_pretrained_atomic(Path(args.work_dir) / GRPO_FINAL_DIR, policy, tokenizer, extra=extra)
         best_policy = load_causal_lm(args.model, tokenizer)
@@ -471,4 +484,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run(main, Args, TINY)
+    run(main, Args, TINY, checkpoint=lambda args: Path(args.work_dir) / "runs" / "grpo" / "checkpoint.pt")

@@ -63,6 +63,7 @@ from tqdm import tqdm
 from transformers.utils import ModelOutput
 
 from common import (
+    FINISHING,
     PPO_DIR,
     AdaptiveKLController,
     CommonArgs,
@@ -70,6 +71,7 @@ from common import (
     UserError,
     atomic_write_json,
     check,
+    check_resumable,
     entropy_from_logits,
     gather_logprobs,
     generate_responses,
@@ -83,11 +85,13 @@ from common import (
     masked_mean,
     masked_whiten,
     plot_metrics,
+    remove_leftovers,
     response_logits,
     run,
     save_checkpoint,
     save_pretrained_atomic,
     set_seed,
+    test_prompt_sample,
     unwrap,
 )
 
@@ -329,11 +333,11 @@ def ppo_step(model, ref_model, reward_model, tokenizer, rm_tokenizer, optimizer,
     input_ids, attention_mask = samples.input_ids, samples.attention_mask  # (B, P + R)
     response_ids, response_mask = samples.response_ids, samples.response_mask  # (B, R)
     context_length = samples.query_ids.shape[1]
-    n_tokens = input_ids.numel()
+    n_tokens = attention_mask.sum().item()  # real tokens, as every script counts them
 
     # 2. score: the reward model reads join_conversation(prompt, reply) at its last real token
     scores = get_reward(reward_model, rm_tokenizer, samples.prompts, samples.responses, args.reward_max_length)
-    n_tokens += input_ids.numel()  # same tokenizer family, so about the tokens of the full text
+    n_tokens += attention_mask.sum().item()  # same tokenizer family, so about the tokens of the full text
 
     # log-probs and values of the rollout policy, log-probs of the reference, at the sampling temperature
     with torch.no_grad():
@@ -344,7 +348,7 @@ def ppo_step(model, ref_model, reward_model, tokenizer, rm_tokenizer, optimizer,
             ref_logits, _ = response_logits(ref_model, input_ids, attention_mask, context_length, args.temperature)
         ref_logprobs = gather_logprobs(ref_logits, response_ids)  # (B, R)
         del logits, ref_logits
-    n_tokens += 2 * input_ids.numel()
+    n_tokens += 2 * attention_mask.sum().item()
 
     # 3. per-token KL penalty and the score at the last token (Ziegler et al. 2019, eq. 2)
     rewards, kl, non_score_reward = per_token_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef)
@@ -382,7 +386,7 @@ def ppo_step(model, ref_model, reward_model, tokenizer, rm_tokenizer, optimizer,
             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            n_tokens += input_ids[mb].numel()
+            n_tokens += attention_mask[mb].sum().item()
             for k, v in zip(stats, (pg_loss, vf_loss, clipfrac, vf_clipfrac, approx_kl, entropy_loss)):
                 stats[k].append(v.detach())
 
@@ -406,7 +410,9 @@ def main(args):
     """Train, evaluate and save; returns the trained policy with its value head (for tests and notebooks)."""
     check(args.total_steps > 0 and args.ppo_epochs > 0, "--total_steps and --ppo_epochs must be positive")
     check(
-        args.num_minibatches > 0 and args.rollout_batch_size % args.num_minibatches == 0,
+        args.rollout_batch_size > 0
+        and args.num_minibatches > 0
+        and args.rollout_batch_size % args.num_minibatches == 0,
         f"--rollout_batch_size ({args.rollout_batch_size}) must be a positive multiple of --num_minibatches "
         f"({args.num_minibatches})",
     )
@@ -422,9 +428,11 @@ def main(args):
     run_dir = Path(args.work_dir) / "runs" / RUN_NAME
     checkpoint_path = run_dir / "checkpoint.pt"
     if args.resume:
-        check(checkpoint_path.is_file(), f"--resume: no checkpoint at {checkpoint_path}; start without --resume")
+        check_resumable(checkpoint_path)
     accelerator = make_accelerator()
     device, is_main = accelerator.device, accelerator.is_main_process
+    if is_main:
+        remove_leftovers(run_dir, args.work_dir)
     set_seed(args.seed)
 
     # data: a seeded order over the train prompts, one shuffle per pass; step s, process p reads a disjoint slice
@@ -434,8 +442,7 @@ def main(args):
     passes = -(-args.total_steps * global_batch // len(train_prompts))
     order_rng = np.random.default_rng(args.seed)
     order = np.concatenate([order_rng.permutation(len(train_prompts)) for _ in range(passes)])
-    test = data["test"].shuffle(seed=args.seed)
-    eval_prompts = list(test.select(range(min(args.eval_prompts, len(test))))["prompt"])
+    eval_prompts = test_prompt_sample(data["test"], args.eval_prompts, args.seed)[1]  # evaluate_models.py's
 
     # models: policy + value head (trained), reference (frozen copy of the base), reward model (frozen)
     tokenizer = load_tokenizer(args.model)
@@ -447,7 +454,7 @@ def main(args):
         f"model's {n_positions} positions",
     )
     ref_model = load_causal_lm(args.model, tokenizer).to(device).eval().requires_grad_(False)
-    reward_model, rm_tokenizer = load_reward_model(args.work_dir, device)
+    reward_model, rm_tokenizer = load_reward_model(args.work_dir, device, args)
     model.eval()  # dropout off for good: rollout and update must see the same policy
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)
@@ -459,10 +466,12 @@ def main(args):
         optimizer.load_state_dict(state["optimizer"])
         start_step, kl_ctl.value = state["step"], state["kl_coef"]
         check(
-            start_step < args.total_steps,
-            f"--resume: {checkpoint_path} is at step {start_step} >= --total_steps {args.total_steps}: raise --total_steps",
+            start_step <= args.total_steps,
+            f"--resume: {checkpoint_path} is at step {start_step} > --total_steps {args.total_steps}: raise --total_steps",
         )
-        print(f"resumed from {checkpoint_path} at step {start_step}")
+        print(
+            f"resumed from {checkpoint_path} at step {start_step}{FINISHING if start_step == args.total_steps else ''}"
+        )
     elif checkpoint_path.exists() and is_main:
         print(f"starting afresh: {checkpoint_path} from an earlier run will be overwritten (--resume continues it)")
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -524,7 +533,7 @@ def main(args):
                 r = results[name]
                 print(
                     f"eval {name:>4}: score {r['score']:.3f} +- {r['score_se']:.3f}, KL {r['kl']:.2f}, "
-                    f"distinct {r['distinct_share']:.2f}, length {r['length']:.1f} tokens ({r['n']} test prompts)"
+                    f"distinct {r['distinct_share']:.2f}, length {r['length']:.1f} tokens ({r['n']} test prompts, evaluate_models.py's sample)"
                 )
         plot_metrics(run_dir / "metrics.jsonl", PLOT_KEYS, run_dir / f"{RUN_NAME}_curves.png", title="PPO")
         save_pretrained_atomic(
@@ -547,4 +556,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run(main, Args, TINY)
+    run(main, Args, TINY, checkpoint=lambda args: Path(args.work_dir) / "runs" / RUN_NAME / "checkpoint.pt")

@@ -21,15 +21,23 @@ import os
 import random
 import re
 import resource
+import shlex
 import shutil
+import socket
 import sys
+import tempfile
 import time
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+from transformers.utils import logging as hf_logging
+
+hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards": a bar per load, noise at our sizes
 
 REPO_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = REPO_DIR / "assets"
@@ -55,6 +63,11 @@ PPO_DIR = "ppo_rlhf_model"
 GRPO_BEST_DIR = "grpo_best"
 GRPO_FINAL_DIR = "grpo_rlhf_model"
 DPO_DIR = "dpo_rlhf_model"
+RUN_ID_FILE = "run.json"  # {"run_id": ...} in both GRPO folders: evaluation tells a pair from two runs
+
+
+# Printed when --resume finds the run's last checkpoint: the training is done, its end is not.
+FINISHING = ": its last step; finishing the final evaluation and save"
 
 
 class UserError(Exception):
@@ -90,12 +103,14 @@ def parse_args(args_cls, tiny=None, argv=None):
     Flags given on the command line always win over a preset. Unknown flags and bad
     values exit with status 2 and a one-line message naming them.
     """
-    parser = _Parser(args_cls)
+    parser = _Parser(args_cls, allow_abbrev=False)  # `--total_step 5` is a mistake, not --total_steps
     for action in parser._actions:  # argparse %-formats help texts: a literal "95%" must be "95%%"
-        if action.help:
+        if action.option_strings[0].startswith("--no_"):  # HfArgumentParser copies the positive flag's help
+            action.help = f"turn off --{action.option_strings[0][5:]}"
+        elif action.help:
             action.help = re.sub(r"%(?!\()", "%%", action.help)
     argv = sys.argv[1:] if argv is None else list(argv)
-    peek = argparse.ArgumentParser(add_help=False)
+    peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     peek.add_argument("--preset", default=args_cls.__dataclass_fields__["preset"].default)
     preset = peek.parse_known_args(argv)[0].preset
     if preset not in PRESETS:
@@ -111,15 +126,78 @@ def parse_args(args_cls, tiny=None, argv=None):
     return args
 
 
-def run(main, args_cls, tiny=None):
-    """The `__main__` entry of every script: parse, run, and turn user errors into one line."""
+def run(main, args_cls, tiny=None, checkpoint=None):
+    """The `__main__` entry of every script: parse, run, and turn user errors into one line.
+
+    `checkpoint(args)` is where a training script's last checkpoint is (None for the others): Ctrl-C then
+    says whether --resume has something to continue from."""
     args = parse_args(args_cls, tiny)
+    started = time.time()
     try:
+        check_work_dir(args.work_dir)
+        use_cache_if_hub_unreachable(args)
         main(args)
     except UserError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        sys.exit("interrupted: rerun the same command with --resume to continue from the last checkpoint")
+        path = checkpoint(args) if checkpoint else None
+        # a checkpoint of this run: written since it started, or the one it resumed from
+        if path is not None and path.exists() and (args.resume or path.stat().st_mtime >= started):
+            sys.exit(f"interrupted: rerun the same command with --resume to continue from {path}")
+        if checkpoint:
+            sys.exit("interrupted before the first checkpoint: rerun the same command, without --resume, to start over")
+        sys.exit("interrupted: nothing was left half-written; rerun the same command")
+
+
+def check_work_dir(work_dir):
+    """At start-up, before hours of work: --work_dir must be a folder (or creatable) and writable."""
+    path = Path(work_dir)
+    check(not path.exists() or path.is_dir(), f"--work_dir {path} is a file, not a folder")
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"--work_dir {path} is a link to {path.readlink()}, which is missing")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    try:  # a real write: permissions alone say nothing about a read-only mount, or to root
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UserError(f"--work_dir {path}: cannot write in {existing} ({e.strerror})") from None
+
+
+OFFLINE_HINT = (
+    "; the Hugging Face Hub cannot be reached from here: pass --preset tiny (bundled, offline), or a local "
+    "--model folder and --dataset"
+)
+
+
+def offline():
+    import huggingface_hub.constants
+
+    return huggingface_hub.constants.HF_HUB_OFFLINE
+
+
+def use_cache_if_hub_unreachable(args):
+    """Without a network, the hub client retries for about 50 s before it fails. Probe the Hub once (3 s)
+    when the run names a hub model or data set; if it cannot be reached, read only the local cache: a
+    cached model still loads, a missing one fails at once, with OFFLINE_HINT."""
+    import huggingface_hub.constants
+
+    names = [getattr(args, key, None) for key in ("model", "dataset")]
+    if offline() or all(name is None or Path(name).exists() for name in names):
+        return
+    host = re.sub(r"^\w+://", "", huggingface_hub.constants.ENDPOINT).split("/")[0]
+    try:
+        socket.create_connection(
+            (host.split(":")[0], int(host.split(":")[1]) if ":" in host else 443), timeout=3
+        ).close()
+    except OSError:
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+        os.environ["HF_HUB_OFFLINE"] = "1"  # for datasets, which reads it when first imported
+        print(f"{host} cannot be reached: reading models and data sets from the local cache only")
+
+
+def first_line(error):
+    """An exception's first line, for a one-line message (its type when it has no message)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def check(condition, message):
@@ -216,6 +294,15 @@ def filter_edge_cases(example, scope="full", char_limit=CHAR_LIMIT):
 
 
 def _read_jsonl(path):
+    try:
+        return _parse_jsonl(path)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start} of a line cannot be decoded)") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise UserError(f"{path}: not a complete gzip file ({e or type(e).__name__})") from None
+
+
+def _parse_jsonl(path):
     opener = gzip.open if path.name.endswith(".gz") else open
     rows = []
     with opener(path, "rt", encoding="utf-8") as f:
@@ -270,8 +357,15 @@ def load_preference_data(source):
     except Exception as e:  # offline, wrong id, ...: say what to do instead
         raise UserError(
             f"--dataset {source}: could not load it from the Hugging Face Hub ({type(e).__name__}); "
-            "offline, pass a local folder with train.jsonl.gz and test.jsonl.gz"
+            "offline, pass --preset tiny, or a local folder with train.jsonl.gz and test.jsonl.gz"
         ) from None
+
+
+def test_prompt_sample(test, n, seed):
+    """A seeded sample of `n` test prompts (all, when fewer), in split order: (indices, prompts). PPO's final
+    evaluation and evaluate_models.py both take it, so their base scores are on the same prompts."""
+    indices = sorted(random.Random(seed).sample(range(len(test)), min(n, len(test))))
+    return indices, list(test.select(indices)["prompt"])
 
 
 def resolve_model_name(name):
@@ -284,16 +378,23 @@ def load_processed_data(args):
     from datasets import load_from_disk
 
     folder = Path(args.work_dir) / PROCESSED_DIR
-    rebuild = f"python data_process.py --preset {args.preset} --work_dir {args.work_dir}"
+    rebuild = command("data_process.py", args)
     if not (folder / "stats.json").is_file():
         raise UserError(f"{folder} not found: build it first with `{rebuild}`")
-    built_with = json.loads((folder / "stats.json").read_text())["base_model"]
+    try:
+        built_with = json.loads((folder / "stats.json").read_text())["base_model"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{folder / 'stats.json'} is damaged (no base_model in it): rebuild with `{rebuild}`") from None
     if built_with != resolve_model_name(args.model):
         raise UserError(
             f"{folder} was tokenized for base model {built_with!r}, not {resolve_model_name(args.model)!r}: "
-            f"rebuild it with `{rebuild} --model {args.model}`"
+            f"rebuild it with `{rebuild}`"
         )
-    return load_from_disk(str(folder))
+    try:
+        return load_from_disk(str(folder))
+    except Exception as e:  # a missing split or index file, a truncated arrow file, garbage JSON: all damage
+        why = f"{type(e).__name__}: {first_line(e)[:120]}"
+        raise UserError(f"{folder} is damaged ({why}): rebuild it with `{rebuild}`") from None
 
 
 # ---------------------------------------------------------------------------
@@ -310,7 +411,9 @@ def load_tokenizer(name_or_path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:  # ValueError: a folder without tokenizer files
-        raise UserError(f"--model {name_or_path}: cannot load a tokenizer from it ({str(e).splitlines()[0]})") from None
+        raise UserError(
+            f"--model {name_or_path}: cannot load a tokenizer from it ({first_line(e)}){OFFLINE_HINT * offline()}"
+        ) from None
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"
@@ -321,21 +424,60 @@ def load_causal_lm(name_or_path, tokenizer):
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path)
     except OSError as e:
-        raise UserError(f"cannot load a causal LM from {name_or_path} ({str(e).splitlines()[0]})") from None
+        hint = OFFLINE_HINT * offline()
+        raise UserError(f"cannot load a causal LM from {name_or_path} ({first_line(e)}){hint}") from None
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
 
 
-def load_reward_model(work_dir, device):
-    """The frozen reward model from `final_reward_model/`, in eval mode, and its tokenizer."""
+def damage(path):
+    """Why a saved file cannot be read back (missing, truncated, garbage), or None when it is whole.
+
+    Cheap checks that read no tensors: a safetensors header that covers the file, a torch file's zip
+    directory (written last), JSON that parses.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(path, "pt"):
+                pass
+        elif path.suffix in (".pt", ".pth") and not zipfile.is_zipfile(path):
+            return "incomplete (cut short?)"
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+    except Exception as e:  # safetensors, JSON and decoding errors alike
+        return f"unreadable ({first_line(e)[:80]})"
+    return None
+
+
+def command(script, args):
+    """The command that runs `script` for the same run: its preset, work dir and (where not the preset's) model."""
+    words = ["python", script, "--preset", args.preset, "--work_dir", str(args.work_dir)]
+    if resolve_model_name(args.model) != resolve_model_name(PRESETS[args.preset]["model"]):
+        words += ["--model", args.model]
+    return shlex.join(words)
+
+
+def load_reward_model(work_dir, device, args=None):
+    """The frozen reward model from `final_reward_model/`, in eval mode, and its tokenizer.
+
+    `args` (the calling run's) makes the hint to train it name the same preset and model."""
     from transformers import AutoModelForSequenceClassification
 
     folder = Path(work_dir) / REWARD_MODEL_DIR
+    train = (
+        command("reward_model_training.py", args) if args else f"python reward_model_training.py --work_dir {work_dir}"
+    )
     if not (folder / "config.json").is_file():
-        raise UserError(
-            f"{folder} not found: train it first with `python reward_model_training.py --work_dir {work_dir}`"
-        )
+        raise UserError(f"{folder} not found: train it first with `{train}`")
+    weights = folder / "model.safetensors"
+    if why := damage(weights):
+        raise UserError(f"{weights} is {why}: retrain it with `{train}`")
     model = AutoModelForSequenceClassification.from_pretrained(folder).to(device).eval()
     model.requires_grad_(False)
     return model, load_tokenizer(folder)
@@ -616,9 +758,54 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path):
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    set_rng_state(state.pop("rng"))
+    """The state `save_checkpoint` wrote, with the random generators restored; a damaged file is one line."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        rng = state.pop("rng")
+    except Exception as e:  # truncated (a full disk), overwritten, not ours
+        raise UserError(
+            f"{path} is damaged ({type(e).__name__}: {first_line(e)[:100]}): it cannot be resumed; "
+            "start afresh without --resume"
+        ) from None
+    set_rng_state(rng)
     return state
+
+
+def check_resumable(path):
+    """--resume at start-up, before any model loads: an intact checkpoint must be at `path`."""
+    why = damage(path)
+    check(why != "missing", f"--resume: no checkpoint at {path}; start without --resume")
+    check(why is None, f"--resume: {path} is {why}: it cannot be resumed; start afresh without --resume")
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_leftovers(*folders):
+    """Delete the temporary files and folders (`NAME.tmp-PID...`) that killed runs left in `folders`.
+
+    Every atomic write here goes through such a name and renames it when complete, so one whose process
+    no longer exists is a half-written leftover (13 MB on tiny, ~1.5 GB for a gpt2 checkpoint).
+    """
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.glob("*.tmp-*")):
+            match = re.fullmatch(r".+\.tmp-(\d{1,9})(\.\w+)?", path.name)
+            if not match or int(match.group(1)) == os.getpid() or _process_alive(int(match.group(1))):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            print(f"removed {path}: left by a run that was killed (process {match.group(1)})")
 
 
 def peak_rss_mb():
@@ -649,20 +836,22 @@ class MetricsLogger:
     the checkpoint's step and the counters continue from its last record.
     """
 
-    def __init__(self, path, resume_step=None, enabled=True):
+    def __init__(self, path, resume_step=None, enabled=True, keep_records=None):
         self.path, self.enabled = Path(path), enabled
-        self.tokens, self.elapsed_before = 0, 0.0
+        self.tokens, self.elapsed_before, self.records = 0, 0.0, 0
         self.start = time.time()
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         records = []
         if resume_step is not None and self.path.exists():
-            records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            # `keep_records`: how many records the checkpoint had seen, where a step can log after its checkpoint
+            records = read_metrics(self.path)[:keep_records]
             records = [r for r in records if r["step"] <= resume_step]
             if records:
                 self.tokens = records[-1]["tokens/processed"]
                 self.elapsed_before = records[-1]["time/elapsed_s"]
+        self.records = len(records)
         self.path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
     def add_tokens(self, n):
@@ -679,11 +868,24 @@ class MetricsLogger:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            self.records += 1
         return record
 
 
 def read_metrics(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a `metrics.jsonl`; a torn last line (the run was killed while appending it) is dropped."""
+    lines = Path(path).read_text().splitlines()
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if lineno < len(lines):
+                raise UserError(f"{path}:{lineno}: not a JSON record; the file is damaged") from None
+            print(f"{path}: dropped its incomplete last line (the run was killed while writing it)")
+    return records
 
 
 def plot_metrics(metrics_path, keys, png_path, title=""):
@@ -700,7 +902,9 @@ def plot_metrics(metrics_path, keys, png_path, title=""):
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         points = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
-        ax.plot(*zip(*points), marker="." if len(points) < 30 else None)
+        ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3)
+        if re.search(r"accurac|share|clipfrac", key):  # a share on its whole scale: 0.933 -> 0.929 is no plunge
+            ax.set_ylim(-0.02, 1.02)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -98,8 +98,8 @@ def main(args):
     check(args.max_length > 0 and args.char_limit > 0, "--max_length and --char_limit must be positive")
     set_seed(args.seed)
     out_dir = Path(args.work_dir) / PROCESSED_DIR
+    raw = load_preference_data(args.dataset)  # first: a mistyped --dataset path is said before the model loads
     tokenizer = load_tokenizer(args.model)
-    raw = load_preference_data(args.dataset)
     if "test" not in raw:
         print(f"{args.dataset} has no test split: holding out 10% of its pairs as test")
         raw = raw["train"].train_test_split(test_size=0.1, seed=args.seed)

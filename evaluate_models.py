@@ -42,7 +42,6 @@ Deliberate choices:
 
 import json
 import os
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,11 +53,15 @@ from tqdm import tqdm
 from common import (
     DPO_DIR,
     GRPO_BEST_DIR,
+    GRPO_FINAL_DIR,
     PPO_DIR,
     PROCESSED_DIR,
+    RUN_ID_FILE,
     TINY_DATA_DIR,
     CommonArgs,
     check,
+    command,
+    damage,
     gather_logprobs,
     generate_responses,
     get_reward,
@@ -71,6 +74,7 @@ from common import (
     response_logits,
     run,
     set_seed,
+    test_prompt_sample,
 )
 
 
@@ -101,6 +105,24 @@ RESPONSES_JSONL = "rlhf_eval_responses.jsonl"
 BOXPLOT_PNG = "rlhf_eval_rewards_boxplot.png"
 REWARD_VS_KL_PNG = "rlhf_eval_reward_vs_kl.png"
 COST_PNG = "rlhf_eval_cost.png"
+
+
+def check_grpo_pair(work_dir, args):
+    """`grpo_best/` and `grpo_rlhf_model/` must come from one run: a kill between their two saves leaves a new
+    one beside an older run's other, both complete; the run id GRPO writes into both tells them apart."""
+    ids = {}
+    for folder in (GRPO_BEST_DIR, GRPO_FINAL_DIR):
+        path = work_dir / folder / RUN_ID_FILE
+        ids[folder] = None
+        if path.is_file():
+            check(damage(path) is None, f"{path} is {damage(path)}: rerun `{command('GRPO_training.py', args)}`")
+            ids[folder] = json.loads(path.read_text()).get("run_id")
+    check(
+        not (work_dir / GRPO_FINAL_DIR).is_dir() or ids[GRPO_BEST_DIR] == ids[GRPO_FINAL_DIR],
+        f"{work_dir / GRPO_BEST_DIR} and {work_dir / GRPO_FINAL_DIR} come from two GRPO runs (run ids "
+        f"{ids[GRPO_BEST_DIR]} and {ids[GRPO_FINAL_DIR]}): the last one was killed while saving; finish it with "
+        f"`{command('GRPO_training.py', args)} --resume` (and the run's other flags)",
+    )
 
 
 @torch.no_grad()
@@ -335,6 +357,7 @@ def main(args):
     check(0 < args.top_p <= 1, f"--top_p must be in (0, 1], got {args.top_p}")
     check(args.bootstrap_samples > 0, f"--bootstrap_samples must be positive, got {args.bootstrap_samples}")
     work_dir = Path(args.work_dir)
+    check_grpo_pair(work_dir, args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     set_seed(args.seed)
 
@@ -344,11 +367,10 @@ def main(args):
         print(
             f"the test split holds only {len(test)} prompts: evaluating all of them (--num_prompts {args.num_prompts})"
         )
-    test_indices = sorted(random.Random(args.seed).sample(range(len(test)), min(args.num_prompts, len(test))))
-    prompts = list(test.select(test_indices)["prompt"])
+    test_indices, prompts = test_prompt_sample(test, args.num_prompts, args.seed)
 
     # models: the reward model, base, and whichever policies have been trained
-    reward_model, rm_tokenizer = load_reward_model(work_dir, device)
+    reward_model, rm_tokenizer = load_reward_model(work_dir, device, args)
     tokenizer = load_tokenizer(args.model)
     base = load_causal_lm(resolve_model_name(args.model), tokenizer).to(device).eval()
     positions = base.config.max_position_embeddings

@@ -11,10 +11,16 @@ the environment by the client and never written anywhere by us.
   orders prefer it, loses when both prefer base, and ties when the orders disagree.
 * Rate limits (429), server errors (5xx), timeouts and dropped connections are retried
   with exponential backoff (`base_delay * 2**attempt`, or the server's Retry-After when
-  it is longer); other API errors (a bad key, a bad request) stop at once.
+  it is longer); so is a 200 reply with no answer in it (a body that is not JSON, no
+  choices, no message content), which is a broken server too. Other API errors (a bad
+  key, a bad request) stop at once. Giving up is one RuntimeError line naming the model
+  and what came back, with the key masked should the server echo it.
 * Every judgement is cached in a JSON file keyed by the sha256 of (model, prompt,
   response A, response B, order), rewritten atomically after each new judgement, so an
-  interrupted run loses nothing and a rerun spends no tokens.
+  interrupted run loses nothing and a rerun spends no tokens. Each write re-reads the
+  file under a lock (`.<cache>.lock` beside it) and merges, so processes judging into
+  one cache keep each other's judgements. A cache that cannot be read is said so in one
+  line and moved aside, never overwritten.
 * Win/tie/loss rates with 95% Wilson score intervals.
 
     from judge import Judge, win_rates
@@ -23,9 +29,11 @@ the environment by the client and never written anywhere by us.
     win_rates(outcomes)   # {"win": (rate, low, high), "tie": ..., "loss": ..., "n": ..., "invalid": ...}
 """
 
+import fcntl
 import hashlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -46,6 +54,10 @@ SYSTEM_PROMPT = (
 RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)  # timeouts included
 
 
+class MalformedReply(Exception):
+    """A 200 reply that holds no answer: retried like a server error."""
+
+
 def user_message(prompt, response_a, response_b):
     return f"Conversation:\n{prompt.strip()}\n\n[Reply A]\n{response_a}\n\n[Reply B]\n{response_b}\n\nBetter reply (A or B):"
 
@@ -53,6 +65,40 @@ def user_message(prompt, response_a, response_b):
 def cache_key(model, prompt, response_a, response_b, order):
     """sha256 of the judgement's inputs: the same question to the same model is asked once."""
     return hashlib.sha256(json.dumps([model, prompt, response_a, response_b, order]).encode("utf-8")).hexdigest()
+
+
+def answer_text(body):
+    """The first choice's message content in a chat-completion body, or MalformedReply saying what came instead.
+
+    We parse the body ourselves: the client hands back a bare string for a non-JSON content type, raises a raw
+    JSONDecodeError for a JSON one, and builds a completion with `choices=None` from `{}`. A null content is an
+    (empty) answer only when the server says why, a content filter or a refusal: asked again, then invalid.
+    """
+    snippet = repr(" ".join(body.split())[:200])
+    try:
+        choice = json.loads(body)["choices"][0]
+        message = choice["message"]
+        content = message.get("content")
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        raise MalformedReply(f"a 200 reply that is not JSON: {snippet}") from None
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise MalformedReply(f"a 200 reply with no choice or message in it: {snippet}") from None
+    if content is None and (choice.get("finish_reason") == "content_filter" or message.get("refusal")):
+        return ""
+    if not isinstance(content, str):
+        raise MalformedReply(f"a 200 reply with no message content in it: {snippet}")
+    return content.strip()
+
+
+def load_cache(path):
+    """The judgements saved at `path`: {} when there is no file, None when it is not a readable JSON object."""
+    try:
+        cache = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except ValueError:  # torn or garbage (JSONDecodeError, UnicodeDecodeError)
+        return None
+    return cache if isinstance(cache, dict) else None
 
 
 def pair_outcome(policy_first, base_first):
@@ -102,15 +148,25 @@ class Judge:
         self.base_delay, self.max_delay = base_delay, max_delay
         # The client reads OPENAI_API_KEY and OPENAI_BASE_URL itself; its own retries are off so ours govern.
         self.client = client or openai.OpenAI(max_retries=0, timeout=timeout)
-        self.cache = json.loads(self.cache_path.read_text()) if self.cache_path.is_file() else {}
         self.requests = 0  # API calls made by this judge (cache hits make none)
+        # No lock to read: every writer replaces the file whole (os.replace), so a reader sees one version or
+        # the next. A file we cannot read is not ours (an editor, a full disk, an old version): salvaging
+        # fragments of it could bring back wrong entries, and a judgement missing costs only a request, so we
+        # start empty; but the file is the user's, so it is moved aside at the first save, not overwritten.
+        self.cache = load_cache(self.cache_path)
+        if self.cache is None:
+            print(
+                f"judge: {self.cache_path} cannot be read as a judgement cache; starting from an empty one "
+                "(that file is moved aside, not overwritten, at the first save)"
+            )
+            self.cache = {}
 
     def _complete(self, prompt, response_a, response_b):
-        """One chat completion, retried with exponential backoff on rate limits and server errors."""
+        """One chat completion, retried with exponential backoff on rate limits, server errors and answerless 200s."""
         for attempt in range(self.api_retries + 1):
             try:
                 self.requests += 1
-                completion = self.client.chat.completions.create(
+                response = self.client.chat.completions.with_raw_response.create(
                     model=self.model,
                     messages=[
                         {"role": "system", "content": SYSTEM_PROMPT},
@@ -119,11 +175,18 @@ class Judge:
                     temperature=0,
                     max_tokens=1,
                 )
-                return (completion.choices[0].message.content or "").strip()
-            except RETRYABLE as e:
+                return self._mask_key(answer_text(response.http_response.text))
+            except (*RETRYABLE, MalformedReply) as e:
                 if attempt == self.api_retries:
-                    raise RuntimeError(f"judge: giving up after {attempt + 1} attempts ({type(e).__name__})") from e
+                    what = self._mask_key(str(e)) if isinstance(e, MalformedReply) else type(e).__name__
+                    message = f"judge: giving up after {attempt + 1} attempts ({what}) from model {self.model}"
+                    raise RuntimeError(message) from (None if isinstance(e, MalformedReply) else e)
                 time.sleep(self._delay(attempt, e))
+
+    def _mask_key(self, text):
+        """`text` with the API key masked: a broken server or proxy may echo the request back."""
+        key = getattr(self.client, "api_key", None)
+        return text.replace(key, "***") if key else text
 
     def _delay(self, attempt, error):
         delay = self.base_delay * 2**attempt
@@ -144,8 +207,26 @@ class Judge:
                 break
         answer = raw if raw in VALID_ANSWERS else "invalid"
         self.cache[key] = {"answer": answer, "raw": raw, "model": self.model, "order": order}
-        atomic_write_json(self.cache_path, self.cache)
+        self._save()
         return answer
+
+    def _save(self):
+        """Merge our judgements into the cache file under a lock, so processes sharing it lose none of theirs.
+
+        The lock is a sidecar file (the cache itself is replaced on every write, so a lock on it would be on
+        a file already gone); it is left in place, since deleting a lock file races with its next taker.
+        """
+        lock_path = self.cache_path.with_name(f".{self.cache_path.name}.lock")
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            on_disk = load_cache(self.cache_path)
+            if on_disk is None:
+                aside = f"{self.cache_path}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+                os.replace(self.cache_path, aside)
+                print(f"judge: moved the unreadable {self.cache_path} aside to {aside}")
+                on_disk = {}
+            self.cache = on_disk | self.cache  # the same question asked twice got the same answer, or near enough
+            atomic_write_json(self.cache_path, self.cache)
 
     def compare(self, prompt, policy_response, base_response):
         """win, tie, loss (for the policy against base) or invalid, from both orders."""

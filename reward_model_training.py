@@ -37,24 +37,35 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
+from tqdm import tqdm
 from transformers import (
     AutoModelForSequenceClassification,
     PreTrainedTokenizerBase,
     Trainer,
     TrainerCallback,
+    TrainerState,
     TrainingArguments,
 )
+from transformers.trainer_callback import ExportableState, ProgressCallback
+from transformers.utils import logging as hf_logging
 
 from common import (
+    FINISHING,
+    OFFLINE_HINT,
     REWARD_MODEL_DIR,
     CommonArgs,
     MetricsLogger,
     UserError,
     atomic_write_json,
     check,
+    damage,
+    first_line,
     load_processed_data,
     load_tokenizer,
+    offline,
     plot_metrics,
+    remove_leftovers,
     resolve_model_name,
     reward_scores,
     run,
@@ -95,8 +106,8 @@ TINY = dict(
     per_device_eval_batch_size=64,
     gradient_accumulation_steps=1,
     logging_steps=4,
-    eval_steps=29,
-    save_steps=29,
+    eval_steps=29,  # an evaluation draws from the RNG (its data loader's seed): moving it changes the training
+    save_steps=28,
 )
 
 RUN_NAME = "reward_model"
@@ -175,11 +186,23 @@ class RewardTrainer(Trainer):
     def log(self, logs, *args, **kwargs):
         # Every process calls log() at the same points, so the sums can be reduced here.
         tokens, correct, margin, pairs = self.accelerator.reduce(self.since_log, reduction="sum").tolist()
-        self.since_log.zero_()
         self.metrics_logger.add_tokens(tokens)
-        if "loss" in logs and pairs > 0:  # a training log: add accuracy and margin over the pairs since the last one
+        self.since_log[0] = 0
+        if "loss" in logs and pairs > 0:  # a training log: accuracy and margin over every pair since the last one
             logs = {**logs, "accuracy": correct / pairs, "margin": margin / pairs}
+            self.since_log.zero_()  # (an evaluation's log in between leaves them be)
         super().log(logs, *args, **kwargs)
+
+
+class ProgressWithoutLogs(ProgressCallback):
+    """Trainer's progress bars, without its logs printed as dicts of strings: they go to metrics.jsonl, and
+    each evaluation is one line."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        metrics = namespaced(logs or {})
+        if state.is_world_process_zero and "eval/accuracy" in metrics:
+            line = f"step {state.global_step}: validation accuracy {metrics['eval/accuracy']:.4f}, "
+            tqdm.write(line + f"loss {metrics['eval/loss']:.4f}, margin {metrics['eval/margin']:.3f}")
 
 
 def compute_metrics(eval_pred):
@@ -202,11 +225,18 @@ def namespaced(logs):
     return metrics if set(metrics) != {"train/epoch"} else {}  # Trainer's closing summary has nothing of ours
 
 
-class MetricsCallback(TrainerCallback):
-    """Writes Trainer's logs to `metrics.jsonl` (namespaced, with the cost so far) and redraws the curves at saves."""
+class MetricsCallback(TrainerCallback, ExportableState):
+    """Writes Trainer's logs to `metrics.jsonl` (namespaced, with the cost so far) and redraws the curves at saves.
+
+    Each checkpoint's `trainer_state.json` records how many records the log held when it was written
+    (`state()`), so a resume keeps exactly those: the final checkpoint is followed by the test record.
+    """
 
     def __init__(self, metrics_logger, png_path):
         self.metrics_logger, self.png_path = metrics_logger, png_path
+
+    def state(self):
+        return {"args": {}, "attributes": {"metrics_records": self.metrics_logger.records}}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         metrics = namespaced(logs or {})
@@ -218,10 +248,37 @@ class MetricsCallback(TrainerCallback):
             plot_metrics(self.metrics_logger.path, CURVES, self.png_path, title="reward model")
 
 
-def last_checkpoint(run_dir):
-    """The newest complete Trainer checkpoint (trainer_state.json is written last), or None."""
+def checkpoints(run_dir):
+    """Trainer's complete checkpoints (trainer_state.json is written last), newest first, each with what is
+    damaged in it (None when every file reads)."""
     done = [p for p in Path(run_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return max(done, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
+    found = []
+    for folder in sorted(done, key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True):
+        files = sorted(f for f in folder.iterdir() if f.suffix in (".json", ".safetensors", ".pt", ".pth"))
+        problems = [f"{f} is {why}" for f in files if (why := damage(f))]
+        if not problems and "global_step" not in json.loads((folder / "trainer_state.json").read_text()):
+            problems = [f"{folder / 'trainer_state.json'} has no global_step"]
+        found.append((folder, problems[0] if problems else None))
+    return found
+
+
+def last_checkpoint(run_dir):
+    """The newest intact checkpoint, or None."""
+    return next((folder for folder, problem in checkpoints(run_dir) if problem is None), None)
+
+
+def checkpoint_to_resume(run_dir):
+    """The newest intact checkpoint; newer damaged ones are named and removed (the older one takes over)."""
+    found = checkpoints(run_dir)
+    check(found, f"--resume: no checkpoint in {run_dir}; start without --resume")
+    intact = next((folder for folder, problem in found if problem is None), None)
+    for folder, problem in found:
+        if folder == intact:
+            break
+        check(intact is not None, f"--resume: {problem}, and no older checkpoint is intact: start without --resume")
+        print(f"{problem}: resuming from the older {intact.name} instead (removed {folder.name})")
+        shutil.rmtree(folder)
+    return intact
 
 
 def main(args):
@@ -237,20 +294,46 @@ def main(args):
         "--logging_steps, --eval_steps, --save_steps and --save_total_limit must be > 0",
     )
     check(args.max_eval_samples >= 0, f"--max_eval_samples must be >= 0, got {args.max_eval_samples}")
+    check(
+        args.save_steps % args.logging_steps == 0,
+        f"--save_steps ({args.save_steps}) must be a multiple of --logging_steps ({args.logging_steps}): "
+        "a checkpoint then follows a log, and a resumed run logs what the uninterrupted one would",
+    )
     run_dir = Path(args.work_dir) / "runs" / RUN_NAME
-    checkpoint = last_checkpoint(run_dir)
+    processes = PartialState()  # what Trainer will run on; only the main process removes and prints
+    checkpoint, finished, resume_step, records = None, False, None, {}
     if args.resume:
-        check(checkpoint is not None, f"--resume: no checkpoint in {run_dir}; start without --resume")
+        if processes.is_main_process:
+            checkpoint_to_resume(run_dir)  # says which damaged ones it removed
+        processes.wait_for_everyone()
+        checkpoint = last_checkpoint(run_dir)
+        trainer_state = json.loads((checkpoint / "trainer_state.json").read_text())
+        resume_step = trainer_state["global_step"]
+        last_step = args.max_steps if args.max_steps > 0 else trainer_state["max_steps"]
+        check(resume_step <= last_step, f"--resume: {checkpoint} is at step {resume_step} > --max_steps {last_step}")
+        finished = resume_step == last_step
+        records = trainer_state.get("stateful_callbacks", {}).get("MetricsCallback", {}).get("attributes", {})
+        if processes.is_main_process:
+            print(f"resuming from {checkpoint} (step {resume_step}){FINISHING if finished else ''}")
 
     set_seed(args.seed)  # before the randomly initialised score head is built
     data = load_processed_data(args).select_columns(TOKEN_COLUMNS)
     for split in ("validation", "test") if args.max_eval_samples else ():
         data[split] = data[split].select(range(min(args.max_eval_samples, len(data[split]))))
     tokenizer = load_tokenizer(args.model)
+    # a run killed after its last checkpoint only has the test and the save left: its weights are there
+    source = checkpoint if finished else args.model
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1)
+        hf_logging.set_verbosity_error()  # its report of the score head it had to create: we say it below
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1)
     except OSError as e:
-        raise UserError(f"--model {args.model}: cannot load it ({str(e).splitlines()[0]})") from None
+        raise UserError(
+            f"cannot load a reward model from {source} ({first_line(e)}){OFFLINE_HINT * offline()}"
+        ) from None
+    finally:
+        hf_logging.set_verbosity_warning()
+    if processes.is_main_process and not args.resume:
+        print(f"a reward model: {args.model} with a new score head (a linear layer to one number, random at first)")
     model.config.pad_token_id = tokenizer.pad_token_id
 
     training_args = TrainingArguments(
@@ -279,16 +362,19 @@ def main(args):
         seed=args.seed,
     )
     is_main = training_args.process_index == 0
-    if is_main and not args.resume and checkpoint is not None:
+    if is_main:
+        remove_leftovers(run_dir, args.work_dir)
+    if is_main and not args.resume and list(run_dir.glob("checkpoint-*")):
         # A fresh run must not leave an older run's checkpoints for a later --resume to pick up.
         for old in run_dir.glob("checkpoint-*"):
             shutil.rmtree(old)
         print(f"removed the checkpoints of an earlier run in {run_dir}")
-    resume_step = None
-    if args.resume:
-        resume_step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
-        print(f"resuming from {checkpoint} (step {resume_step})")
-    metrics_logger = MetricsLogger(run_dir / "metrics.jsonl", resume_step=resume_step, enabled=is_main)
+    metrics_logger = MetricsLogger(
+        run_dir / "metrics.jsonl",
+        resume_step=resume_step,
+        keep_records=records.get("metrics_records"),
+        enabled=is_main,
+    )
     png_path = run_dir / f"{RUN_NAME}_curves.png"
 
     trainer = RewardTrainer(
@@ -302,7 +388,12 @@ def main(args):
         callbacks=[MetricsCallback(metrics_logger, png_path)],
         metrics_logger=metrics_logger,
     )
-    trainer.train(resume_from_checkpoint=str(checkpoint) if args.resume else None)
+    trainer.remove_callback(ProgressCallback)  # its logs are printed as dicts of strings
+    trainer.add_callback(ProgressWithoutLogs)
+    if finished:
+        trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    else:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if args.resume else None)
 
     # final evaluation on the held-out test split
     test = trainer.evaluate(data["test"], metric_key_prefix="test")
@@ -334,4 +425,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run(main, Args, TINY)
+    run(main, Args, TINY, checkpoint=lambda args: last_checkpoint(Path(args.work_dir) / "runs" / RUN_NAME))

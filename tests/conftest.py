@@ -4,8 +4,11 @@ Tests call the scripts the way a user does (`main(parse_args(Args, TINY, argv))`
 subprocess), into temporary work folders; nothing touches the network.
 """
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,10 @@ sys.path.insert(0, str(REPO))
 SAMPLE = REPO.parent / "shared" / "hh-rlhf-sample" / "harmless-base-test-first500.jsonl.gz"
 
 
+# one BLAS thread, as run_pipeline.sh runs the tiny preset: the tests then train what the pipeline trains
+SCRIPT_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
 def run_script(script, *argv, check=True, timeout=900):
     """Run a pipeline script in a subprocess, as a user would; returns the CompletedProcess."""
     proc = subprocess.run(
@@ -22,17 +29,61 @@ def run_script(script, *argv, check=True, timeout=900):
         capture_output=True,
         text=True,
         timeout=timeout,
-        # one BLAS thread, as run_pipeline.sh runs the tiny preset: the tests then train what the pipeline trains
-        env={
-            **__import__("os").environ,
-            "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "OMP_NUM_THREADS": "1",
-        },
+        env=SCRIPT_ENV,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def kill_when(script, *argv, moment, log, timeout=600, sig=signal.SIGKILL):
+    """Start a pipeline script and SIGKILL it (or send `sig`) as soon as `moment()` holds, as a pre-empted
+    job dies. Returns its output.
+
+    Polls every 10 ms; fails if the script ends before the moment (the test would then prove nothing).
+    Output goes to the file `log`, not a pipe: a full pipe would block the script."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / script), *map(str, argv)], stdout=out, stderr=out, env=SCRIPT_ENV
+        )
+        deadline = time.time() + timeout
+        while not moment():
+            assert proc.poll() is None, f"{script} ended before the moment to kill it:\n{Path(log).read_text()[-2000:]}"
+            assert time.time() < deadline, f"{script}: the moment never came"
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
+    output = Path(log).read_text()
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL, f"{script} ended on its own ({proc.returncode}):\n{output[-2000:]}"
+    return output
+
+
+def same_records(a, b):
+    """Two metrics.jsonl files hold the same records, step for step, times and memory aside."""
+    from common import read_metrics
+
+    def strip(records):
+        return [{k: v for k, v in r.items() if k not in ("time/elapsed_s", "mem/peak_mb")} for r in records]
+
+    return strip(read_metrics(a)) == strip(read_metrics(b))
+
+
+def dead_pid():
+    """The id of a process that has just ended (what a killed run's leftovers are named after)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.fixture
+def delays(monkeypatch):
+    """The judge's backoff sleeps, recorded instead of slept."""
+    import judge
+
+    slept = []
+    monkeypatch.setattr(judge.time, "sleep", slept.append)
+    return slept
 
 
 @pytest.fixture(scope="session")

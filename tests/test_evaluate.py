@@ -302,8 +302,13 @@ def test_missing_reward_model_is_a_one_line_error(eval_work, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         f"error: {tmp_path / REWARD_MODEL_DIR} not found: train it first with "
-        f"`python reward_model_training.py --work_dir {tmp_path}`"
+        f"`python reward_model_training.py --preset tiny --work_dir {tmp_path}`"  # the run's preset: pasting it works
     ]
+    # a model other than the preset's is named too
+    proc = run_script(
+        "evaluate_models.py", "--preset", "tiny", "--work_dir", tmp_path, "--model", tmp_path / "other", check=False
+    )
+    assert f"--preset tiny --work_dir {tmp_path} --model {tmp_path / 'other'}`" in proc.stderr
 
 
 def test_missing_data_and_bad_flags_fail_at_start(eval_work, tmp_path):

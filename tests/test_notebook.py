@@ -81,14 +81,6 @@ def server(monkeypatch):
     fake.server.shutdown()
 
 
-@pytest.fixture
-def delays(monkeypatch):
-    """The judge's backoff sleeps, recorded instead of slept."""
-    slept = []
-    monkeypatch.setattr(judge.time, "sleep", slept.append)
-    return slept
-
-
 # --- pure helpers ---------------------------------------------------------------------------
 
 

@@ -230,8 +230,8 @@ def test_resume_continues_exactly_where_the_run_stopped(work, tmp_path_factory):
         (straight / name).symlink_to(work / name)
     ppo.main(tiny_args(straight, "--total_steps", 4, *QUICK))
     ppo.main(tiny_args(work, "--total_steps", 2, *QUICK))
-    with pytest.raises(UserError, match="at step 2 >= --total_steps 2"):
-        ppo.main(tiny_args(work, "--total_steps", 2, "--resume", *QUICK))
+    with pytest.raises(UserError, match="at step 2 > --total_steps 1"):
+        ppo.main(tiny_args(work, "--total_steps", 1, "--resume", *QUICK))
     ppo.main(tiny_args(work, "--total_steps", 4, "--resume", *QUICK))
 
     resumed, reference = weights(work / PPO_DIR), weights(straight / PPO_DIR)

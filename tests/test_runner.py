@@ -1,0 +1,112 @@
+"""run_pipeline.sh (per-stage flags, --from/--only, its own --help) and what every script's command line
+refuses: abbreviated flags, and a hub model with no way to reach the Hub (a few seconds, one line)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, SCRIPT_ENV, run_script
+
+from common import parse_args
+
+
+def pipeline(*argv):
+    """run_pipeline.sh with `echo` for python: what each stage would be given, in order, nothing run."""
+    return subprocess.run(
+        ["bash", str(REPO / "run_pipeline.sh"), *map(str, argv)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": "echo"},
+    )
+
+
+def stage_lines(proc):
+    assert proc.returncode == 0, proc.stderr
+    return [line for line in proc.stdout.splitlines() if not line.startswith("==")]
+
+
+def test_flags_go_to_every_stage_and_dotted_ones_to_one(tmp_path):
+    proc = pipeline(
+        "--preset", "tiny", "--work_dir", tmp_path, "--ppo.total_steps", 5, "--dpo.max_steps=3", "--seed", 1
+    )
+    common = f"--preset tiny --work_dir {tmp_path}"
+    assert stage_lines(proc) == [
+        f"data_process.py {common} --seed 1",
+        f"reward_model_training.py {common} --seed 1",
+        f"PPO_training.py {common} --seed 1 --total_steps 5",
+        f"GRPO_training.py {common} --seed 1",
+        f"DPO_training.py {common} --seed 1 --max_steps=3",
+        f"evaluate_models.py {common} --seed 1",
+    ]
+    assert tmp_path.is_dir()
+
+
+def test_from_and_only_pick_the_stages(tmp_path):
+    scripts = [line.split()[0] for line in stage_lines(pipeline("--work_dir", tmp_path, "--from", "grpo"))]
+    assert scripts == ["GRPO_training.py", "DPO_training.py", "evaluate_models.py"]
+    proc = pipeline("--work_dir", tmp_path, "--only", "reward", "--reward.max_steps", 2)
+    assert stage_lines(proc) == [f"reward_model_training.py --work_dir {tmp_path} --max_steps 2"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--only", "sft"], "--only: unknown stage 'sft' (stages: data reward ppo grpo dpo eval)"),
+        (["--from"], "--from needs a stage"),
+        (["--rm.max_steps", "2"], "--rm.max_steps: unknown stage 'rm'"),
+    ],
+)
+def test_a_bad_stage_is_one_line(argv, message):
+    proc = pipeline(*argv)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == f"run_pipeline.sh: error: {message}" or message in proc.stderr.strip()
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_help_is_the_runners_own_and_runs_nothing():
+    proc = pipeline("--help")
+    assert proc.returncode == 0 and proc.stdout.startswith("Usage: bash run_pipeline.sh")
+    assert "--STAGE.FLAG VALUE" in proc.stdout and "==" not in proc.stdout
+
+
+def test_abbreviated_flags_are_refused(capsys):
+    import PPO_training as ppo
+
+    with pytest.raises(SystemExit) as caught:
+        parse_args(ppo.Args, ppo.TINY, ["--preset", "tiny", "--total_step", "5"])
+    assert caught.value.code == 2
+    assert "unrecognized arguments: --total_step 5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(ppo.Args, ppo.TINY, ["--pre", "tiny"])
+
+
+def test_a_negated_flag_says_what_it_does(capsys):
+    import PPO_training as ppo
+
+    with pytest.raises(SystemExit):
+        parse_args(ppo.Args, ppo.TINY, ["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--no_adapt_kl, --no-adapt-kl turn off --adapt_kl" in out
+
+
+def test_an_unreachable_hub_fails_in_one_line_without_retrying(tmp_path):
+    """A closed local port stands for the Hub (no network in CI, and no download where there is one)."""
+    env = {**SCRIPT_ENV, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_OFFLINE")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "data_process.py"), "--work_dir", tmp_path, "--dataset", REPO / "assets/tiny_hh"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("error: --model gpt2: cannot load a tokenizer") and "pass --preset tiny" in lines[0]
+    assert "127.0.0.1:9 cannot be reached" in proc.stdout and "Retrying" not in proc.stderr
+
+
+def test_a_missing_local_dataset_is_said_before_the_model_loads(tmp_path):
+    proc = run_script("data_process.py", "--work_dir", tmp_path, "--dataset", tmp_path / "none.jsonl", check=False)
+    assert proc.stderr.strip() == f"error: --dataset {tmp_path / 'none.jsonl'}: no such file or folder"
