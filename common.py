@@ -889,7 +889,9 @@ def read_metrics(path):
 
 
 def plot_metrics(metrics_path, keys, png_path, title=""):
-    """One small panel per metric key, x = step; keys missing from the log are skipped."""
+    """One small panel per metric key, x = step; keys missing from the log are skipped.
+
+    Returns each drawn key's y range (what a reader sees: a share is drawn on its whole scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -900,12 +902,14 @@ def plot_metrics(metrics_path, keys, png_path, title=""):
     cols = min(3, max(1, len(keys)))
     rows = max(1, -(-len(keys) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    y_ranges = {}
     for ax, key in zip(axes.flat, keys):
         points = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
         ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3)
         if re.search(r"accurac|share|clipfrac", key):  # a share on its whole scale: 0.933 -> 0.929 is no plunge
             ax.set_ylim(-0.02, 1.02)
         ax.set_title(key, fontsize=9)
+        y_ranges[key] = ax.get_ylim()
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys) :]:
@@ -914,3 +918,4 @@ def plot_metrics(metrics_path, keys, png_path, title=""):
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
+    return y_ranges

@@ -80,6 +80,10 @@ if [[ " ${common[*]} " == *" --preset tiny "* || " ${common[*]} " == *" --preset
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
 
+# Into a log file rather than a terminal, progress bars redraw every 30 s instead of ten times a second
+# (tqdm reads TQDM_* variables as its defaults): a log holds progress, not megabytes of redraws.
+[[ -t 2 ]] || export TQDM_MININTERVAL=${TQDM_MININTERVAL:-30}
+
 start=$(date +%s)
 for ((i = first; i <= last; i++)); do
   stage=${STAGES[i]}

@@ -248,3 +248,18 @@ def test_a_percent_sign_in_help_text_does_not_break_help(capsys):
         parse_args(Args, {}, ["--help"])
     assert exc.value.code == 0
     assert "a 95% interval (default: 0.95)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_share_is_drawn_on_its_whole_scale_and_a_loss_on_its_own(tmp_path):
+    """0.9332 -> 0.9291 is no plunge: accuracies and shares get [0, 1]; other metrics keep their own range."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"step": s, "eval/accuracy": a, "eval/loss": loss}) + "\n"
+            for s, a, loss in ((28, 0.9332, 0.25), (56, 0.9291, 0.19))
+        )
+    )
+    ranges = common.plot_metrics(path, ["eval/accuracy", "eval/loss"], tmp_path / "curves.png")
+    assert ranges["eval/accuracy"] == (-0.02, 1.02)
+    assert 0.15 < ranges["eval/loss"][0] < 0.19 and 0.25 < ranges["eval/loss"][1] < 0.3
+    assert (tmp_path / "curves.png").stat().st_size > 0

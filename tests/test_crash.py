@@ -96,7 +96,10 @@ def test_grpo_killed_between_its_two_saves_is_caught_by_the_evaluation_and_finis
     argv = ["--preset", "tiny", "--total_steps", 2, "--rollout_batch_size", 2, "--group_size", 2]
     argv += ["--eval_prompts", 4, "--eval_every", 2, "--save_every", 100]
     straight = linked(tmp_path / "straight", work)
-    run_script("GRPO_training.py", *argv, "--work_dir", straight)
+    first = run_script("GRPO_training.py", *argv, "--work_dir", straight)
+    # its progress line shows the mean held-out reward, not one reply's
+    final_eval = [r for r in read_metrics(straight / "runs" / "grpo" / "metrics.jsonl") if "eval/reward" in r][-1]
+    assert f"step 2 | mean eval reward {final_eval['eval/reward']:+.3f} over 4 prompts" in first.stdout
     run_script("GRPO_training.py", *argv, "--work_dir", work, "--seed", 7)  # an earlier run's pair of folders
 
     def run_id(folder):

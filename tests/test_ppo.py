@@ -335,3 +335,24 @@ def test_two_processes_end_with_identical_weights(work):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "weights identical on all 2 processes" in proc.stdout
     assert [r["step"] for r in read_metrics(work / PPO_DIR / "metrics.jsonl")] == [1, 2]
+
+
+def test_tokens_processed_counts_real_tokens_not_padding(work):
+    """Each forward pass counts the prompt's tokens (as truncated) and the reply's up to its EOS, as the reward
+    model, GRPO and DPO count theirs: generation, reward, policy + reference, then every epoch's update."""
+    from accelerate import Accelerator
+
+    args = tiny_args(work, *QUICK)
+    model, tokenizer = tiny_policy()
+    reference = load_causal_lm(str(TINY_MODEL_DIR), tokenizer).eval()
+    reward_model, rm_tokenizer = load_reward_model(work, "cpu")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+    prompts = list(load_processed_data(args)["train"]["prompt"])[:8]
+    samples, _, _, n_tokens = ppo.ppo_step(
+        model, reference, reward_model, tokenizer, rm_tokenizer, optimizer, prompts, args, 0.1, Accelerator(cpu=True),
+        "",
+    )  # fmt: skip
+    prompt_tokens = sum(min(len(tokenizer(p)["input_ids"]), args.max_prompt_length) for p in prompts)
+    passes = 4 + args.ppo_epochs
+    assert n_tokens == (prompt_tokens + samples.response_mask.sum().item()) * passes
+    assert n_tokens < samples.input_ids.numel() * passes  # the padding of a left-padded batch is not counted

@@ -134,6 +134,18 @@ def test_one_forward_pass_per_batch(reward_model, tokenizer, tmp_path):
     assert len(calls) == 1
 
 
+def test_train_accuracy_covers_every_pair_since_the_last_training_log(reward_model, tokenizer, tmp_path):
+    """An evaluation's log in between counts its tokens but leaves the training pairs for the next training log."""
+    trainer, logger = make_trainer(reward_model, tokenizer, tmp_path)
+    trainer.since_log += torch.tensor([100.0, 3.0, 1.5, 4.0], dtype=torch.float64)  # tokens, correct, margin, pairs
+    trainer.log({"eval_loss": 0.3})
+    assert logger.tokens == 100 and trainer.since_log.tolist() == [0.0, 3.0, 1.5, 4.0]
+    trainer.since_log += torch.tensor([20.0, 2.0, 0.5, 4.0], dtype=torch.float64)  # four more pairs trained
+    trainer.log({"loss": 0.5})
+    assert trainer.state.log_history[-1]["accuracy"] == 5 / 8 and trainer.state.log_history[-1]["margin"] == 2 / 8
+    assert logger.tokens == 120 and trainer.since_log.tolist() == [0.0] * 4
+
+
 def test_the_seed_defaults():
     args = common.parse_args(Args, TINY, [])
     assert (args.num_train_epochs, args.learning_rate, args.per_device_train_batch_size) == (3.0, 2e-5, 8)

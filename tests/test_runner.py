@@ -110,3 +110,27 @@ def test_an_unreachable_hub_fails_in_one_line_without_retrying(tmp_path):
 def test_a_missing_local_dataset_is_said_before_the_model_loads(tmp_path):
     proc = run_script("data_process.py", "--work_dir", tmp_path, "--dataset", tmp_path / "none.jsonl", check=False)
     assert proc.stderr.strip() == f"error: --dataset {tmp_path / 'none.jsonl'}: no such file or folder"
+
+
+def test_a_reward_model_run_prints_what_a_person_needs_not_library_noise(tiny_data_dir, tmp_path):
+    (tmp_path / "processed_data").symlink_to(tiny_data_dir / "processed_data")
+    argv = ["--preset", "tiny", "--work_dir", tmp_path, "--max_steps", 2, "--logging_steps", 1, "--eval_steps", 2]
+    proc = run_script("reward_model_training.py", *argv, "--save_steps", 2, "--max_eval_samples", 16)
+    output = proc.stdout + proc.stderr
+    for noise in ("LOAD REPORT", "Consider training on your downstream task", "Loading weights", "{'loss'"):
+        assert noise not in output, noise
+    assert "with a new score head" in proc.stdout and "step 2: validation accuracy" in output
+
+
+def test_into_a_log_file_bars_redraw_every_30_s_and_tiny_runs_one_thread(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "$1 TQDM_MININTERVAL=$TQDM_MININTERVAL OMP_NUM_THREADS=$OMP_NUM_THREADS"\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_MININTERVAL", "OMP_NUM_THREADS")}
+    proc = subprocess.run(
+        ["bash", str(REPO / "run_pipeline.sh"), "--preset", "tiny", "--only", "data"],
+        capture_output=True,
+        text=True,
+        env={**env, "PYTHON": str(fake)},  # stdout and stderr are pipes here, as in a log file
+    )
+    assert stage_lines(proc) == ["data_process.py TQDM_MININTERVAL=30 OMP_NUM_THREADS=1"]
