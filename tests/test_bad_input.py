@@ -126,3 +126,17 @@ def test_ppo_rollout_batch_size_must_be_positive(work, size):
     )
     with pytest.raises(UserError, match=rf"--rollout_batch_size \({size}\) must be a positive multiple"):
         ppo.main(args)
+
+
+def test_a_read_only_work_dir_fails_at_start_up():
+    """/sys is read-only even to root (permissions alone would not say so): a real write is tried first."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir="/sys"):
+            pytest.skip("/sys is writable here")
+    except OSError:
+        pass
+    proc = run_script("data_process.py", "--preset", "tiny", "--work_dir", "/sys/rlhf_work", check=False)
+    assert one_line_error(proc).startswith("error: --work_dir /sys/rlhf_work: cannot write in /sys (")
+    assert "filter" not in proc.stderr
