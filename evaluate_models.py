@@ -35,7 +35,8 @@ Deliberate choices:
 * the random state is reset to `--seed` before each model samples, so a rerun gives the
   same table and a policy identical to base gives base's replies (KL exactly 0);
 * worksheet cells cannot hold most control characters: in the xlsx they are shown
-  escaped (`\\x07`); the JSONL keeps the text exactly as generated;
+  escaped (`\\x07`); the JSONL keeps the text exactly as generated (and is what the
+  notebook's judge reads); a reply starting with "=" is stored as text, not a formula;
 * with `--top_p` below 1 the samples come from the truncated distribution while the KL
   uses the full tempered distributions, so it is then only an approximation.
 """
@@ -266,12 +267,22 @@ def replace_file(tmp, final):
     os.replace(tmp, final)
 
 
+def keep_as_text(worksheet):
+    """Cells openpyxl took for formulas (a reply starting with "=") stored as the text they are: a formula cell
+    reads back empty, since no spreadsheet program has computed it. No column of ours holds a formula."""
+    for row in worksheet.iter_rows():
+        for cell in row:
+            if cell.data_type == "f":
+                cell.data_type = "s"
+
+
 def write_xlsx(path, table, summary):
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     with pd.ExcelWriter(tmp, engine="openpyxl") as writer:
-        table.map(excel_safe).to_excel(writer, sheet_name="results", index=False)
-        summary.map(excel_safe).to_excel(writer, sheet_name="summary", index=False)
+        for name, sheet in (("results", table), ("summary", summary)):
+            sheet.map(excel_safe).to_excel(writer, sheet_name=name, index=False)
+            keep_as_text(writer.sheets[name])
     replace_file(tmp, path)
 
 

@@ -2,8 +2,8 @@
 
 The server (http.server in a thread on 127.0.0.1) implements POST /v1/chat/completions;
 the judge talks to it through the real `openai` client. It answers "A" when reply A is
-at least as long as reply B, else "B", unless the test queued a status code (429, 500,
-401) or a literal answer for the next request.
+at least as long as reply B, else "B" (the model "fake-position" always answers "A"),
+unless the test queued a status code (429, 500, 401) or a literal answer for the next request.
 """
 
 import json
@@ -14,6 +14,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import nbformat
+import numpy as np
 import openai
 import pandas as pd
 import pytest
@@ -22,9 +23,15 @@ from nbclient import NotebookClient
 
 import judge
 from common import DPO_DIR, PPO_DIR, PROCESSED_DIR, REWARD_MODEL_DIR
-from judge import Judge, cache_key, pair_outcome, wilson_interval, win_rates
+from judge import Judge, pair_outcome, wilson_interval, win_rates
 
 API_KEY = "sk-test-do-not-leak-7f3a9c"
+
+
+class Server(ThreadingHTTPServer):
+    request_queue_size = (
+        64  # the listen backlog (5 by default): a 6th connection at once would wait 1 s for a SYN retry
+    )
 
 
 class FakeOpenAI:
@@ -60,12 +67,14 @@ class FakeOpenAI:
             def log_message(self, *args):  # keep the test output quiet
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     @staticmethod
     def answer(body):
+        if body["model"] == "fake-position":  # a judge with nothing but position bias
+            return "A"
         text = body["messages"][1]["content"]
         reply_a = text.split("[Reply A]\n", 1)[1].split("\n\n[Reply B]\n", 1)[0]
         reply_b = text.split("\n\n[Reply B]\n", 1)[1].rsplit("\n\nBetter reply", 1)[0]
@@ -107,15 +116,6 @@ def test_win_rates_leave_invalid_out():
     assert rates["tie"][0] == rates["loss"][0] == 0.25
 
 
-def test_cache_key_depends_on_every_input():
-    args = ("gpt-4o", "prompt", "reply a", "reply b", "policy_first")
-    keys = {cache_key(*args)}
-    for i in range(len(args)):
-        keys.add(cache_key(*args[:i], args[i] + "x", *args[i + 1 :]))
-    assert len(keys) == len(args) + 1
-    assert cache_key(*args) == cache_key(*args) and len(cache_key(*args)) == 64
-
-
 # --- the judge against the local server -----------------------------------------------------
 
 
@@ -130,10 +130,12 @@ def test_invalid_answers_are_retried_then_recorded_as_invalid(server, tmp_path):
     assert len(server.requests) == 5
     saved = json.loads(cache.read_text())
     assert sorted(v["answer"] for v in saved.values()) == ["A", "invalid"]
-    # a new judge on the same cache asks nothing
+    # a new judge on the same cache asks nothing for the valid answer, and the invalid one again
     again = Judge(cache_path=cache)
-    assert again.judge("p2", "x", "y", "policy_first") == "invalid" and again.requests == 0
-    assert len(server.requests) == 5
+    assert again.judge("p", "long reply", "short", "policy_first") == "A" and again.requests == 0
+    assert again.judge("p2", "x", "y", "policy_first") == "A" and again.requests == 1
+    assert len(server.requests) == 6
+    assert sorted(v["answer"] for v in json.loads(cache.read_text()).values()) == ["A", "A"]
 
 
 def test_rate_limits_and_server_errors_back_off_exponentially(server, tmp_path, delays):
@@ -145,6 +147,7 @@ def test_rate_limits_and_server_errors_back_off_exponentially(server, tmp_path, 
     assert all(auth == f"Bearer {API_KEY}" for _, auth, _ in server.requests)  # the key from the environment
     body = server.requests[-1][2]
     assert body["model"] == judge.DEFAULT_MODEL and body["messages"][0]["content"] == judge.SYSTEM_PROMPT
+    assert (body["temperature"], body["max_tokens"]) == (0, 1)
 
 
 def test_gives_up_after_the_last_retry_and_does_not_retry_other_errors(server, tmp_path, delays):
@@ -223,30 +226,68 @@ def test_notebook_without_api_key_skips_the_judge(eval_outputs, tmp_path, monkey
     assert not (work / "gpt4_judgements.json").exists()
 
 
+def test_a_reply_starting_with_equals_survives_the_xlsx_round_trip(tmp_path):
+    from evaluate_models import write_xlsx
+
+    # openpyxl takes a string starting with "=" for a formula, which reads back empty (nothing computed it)
+    texts = ["=1+1", "=SUM(A1:A3) adds them up", "=", "+3", "-minus", "@at", "plain", "=\x07"]
+    table = pd.DataFrame({"prompt": texts, "base_response": texts[::-1], "base_reward": range(len(texts))})
+    write_xlsx(tmp_path / "r.xlsx", table, pd.DataFrame({"model": ["base"], "note": ["=base"]}))
+    back = pd.read_excel(tmp_path / "r.xlsx", sheet_name="results", keep_default_na=False)
+    escaped = [t.replace("\x07", "\\x07") for t in texts]  # the xlsx shows control characters escaped
+    assert back["prompt"].tolist() == escaped and back["base_response"].tolist() == escaped[::-1]
+    assert pd.read_excel(tmp_path / "r.xlsx", sheet_name="summary")["note"].tolist() == ["=base"]
+
+
 @pytest.mark.slow
-def test_notebook_with_a_local_judge_server(eval_outputs, tmp_path, monkeypatch, server):
+def test_notebook_with_two_local_judges(eval_outputs, tmp_path, monkeypatch, server):
     work = tmp_path / "w"
     shutil.copytree(eval_outputs, work, symlinks=True)
-    server.queue = [429, "Neither"]  # the first request is rate limited, the retry's answer is invalid
-    text = execute_notebook(work, monkeypatch, RLHF_JUDGE_MODEL="fake-gpt", RLHF_JUDGE_BASE_DELAY="0.2")
-    # a (prompt, policy reply, base reply) seen before (DPO may repeat PPO's = base's reply) comes from the cache
-    results = pd.read_excel(work / "rlhf_eval_results_with_base.xlsx", sheet_name="results")
-    pairs = len(
-        {(r.prompt, getattr(r, f"{p}_response"), r.base_response) for r in results.itertuples() for p in ("ppo", "dpo")}
-    )
+    # the judge reads the JSONL's text: one DPO reply the xlsx would have lost (a formula) and escaped (a bell)
+    jsonl = work / "rlhf_eval_responses.jsonl"
+    records = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]
+    records[0]["dpo_response"] = "=1+1 is two \x07"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    server.queue = [429, "Neither"]  # the first request is rate limited, the second answer is invalid
+    env = {"RLHF_JUDGE_MODELS": "fake-gpt,fake-position", "RLHF_JUDGE_BASE_DELAY": "0.2"}
+    text = execute_notebook(work, monkeypatch, **env)
+    # a (prompt, policy reply, base reply) seen before (DPO may repeat PPO's = base's reply) is asked once
+    pairs = len({(r["prompt"], r[f"{p}_response"], r["base_response"]) for r in records for p in ("ppo", "dpo")})
     assert pairs > 12  # DPO's replies are mostly its own
+    # each new judgement once, plus the 429's retry and the invalid answer's second asking
     assert f"judge fake-gpt: 12 prompts x 2 policies x 2 orders; {2 * pairs + 2} API requests made" in text
-    (t0, _, first), (t1, _, retry), (_, _, asked_again) = server.requests[:3]
-    assert t1 - t0 >= 0.2 and first == retry == asked_again  # backed off, then the invalid answer asked again
-    rates = {row["policy"]: row for row in __import__("csv").DictReader(open(work / "judge_win_rates.csv"))}
-    assert float(rates["ppo"]["tie_rate"]) == 1.0  # identical replies: each order picks A, so every pair ties
+    assert f"judge fake-position: 12 prompts x 2 policies x 2 orders; {2 * pairs} API requests made" in text
+    (t0, _, limited), *rest = server.requests
+    assert any(body == limited and t - t0 >= 0.2 for t, _, body in rest)  # asked again after the backoff
+    assert any("\n=1+1 is two \x07\n" in body["messages"][1]["content"] for _, _, body in server.requests)
+    saved = json.loads((work / "gpt4_judgements.json").read_text())
+    assert len(saved) == 4 * pairs and {v["answer"] for v in saved.values()} == {"A", "B"}  # "Neither" asked again
+
+    rates = pd.read_csv(work / "judge_win_rates.csv").set_index(["judge", "policy"])
+    assert rates.loc[("fake-gpt", "ppo"), "tie_rate"] == 1.0  # identical replies: each order picks A, all ties
+    assert rates.loc[("fake-position", "dpo"), "tie_rate"] == 1.0  # always A: position bias, cancelled to ties
+    # fake-gpt prefers the longer reply (in characters of the JSONL's text): its rates follow from the lengths
+    diffs = [len(r["dpo_response"]) - len(r["base_response"]) for r in records]
+    outcomes = ["win" if d > 0 else "tie" if d == 0 else "loss" for d in diffs]
+    expected = judge.length_controlled_win_rate(outcomes, diffs, seed=0)
+    dpo = rates.loc[("fake-gpt", "dpo")]
+    assert dpo["win_rate"] == pytest.approx(outcomes.count("win") / 12) and 0 < dpo["win_rate"] < 1
+    np.testing.assert_allclose(dpo[["lc_win_rate", "lc_win_ci_low", "lc_win_ci_high"]].to_numpy(float), expected)
+    assert math.isnan(dpo["lc_win_rate"])  # length alone decides: no rate at equal length to be had
+    assert rates.loc[("fake-gpt", "ppo"), "lc_win_rate"] == 0.0  # no wins at any length
+    agree = pd.read_csv(work / "judge_agreement.csv").set_index("policy")
+    assert agree.loc["ppo", "agreement"] == 1.0 and math.isnan(agree.loc["ppo", "kappa"])  # both: all ties
+    assert agree.loc["dpo", "agreement"] == pytest.approx(outcomes.count("tie") / 12)
+    assert agree.loc["dpo", "kappa"] == pytest.approx(
+        0.0, abs=1e-12
+    )  # a judge that always says tie agrees no more than chance
     assert (work / "judge_win_rates.png").stat().st_size > 5000
-    assert len(json.loads((work / "gpt4_judgements.json").read_text())) == 2 * pairs
+    assert "; judge fake-gpt: wins " in text and "; judge fake-position: wins 0% [" in text  # the verdict
 
     # a rerun takes every judgement from the cache: no request at all
     served = len(server.requests)
-    text = execute_notebook(work, monkeypatch, RLHF_JUDGE_MODEL="fake-gpt", RLHF_JUDGE_BASE_DELAY="0.2")
-    assert "0 API requests made" in text and len(server.requests) == served
+    text = execute_notebook(work, monkeypatch, **env)
+    assert text.count(" 0 API requests made") == 2 and len(server.requests) == served
 
     # the key went to the server only: no file in the work dir holds it
     for path in work.rglob("*"):
