@@ -140,13 +140,22 @@ def run(main, args_cls, tiny=None, checkpoint=None):
     except UserError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        path = checkpoint(args) if checkpoint else None
-        # a checkpoint of this run: written since it started, or the one it resumed from
-        if path is not None and path.exists() and (args.resume or path.stat().st_mtime >= started):
-            sys.exit(f"interrupted: rerun the same command with --resume to continue from {path}")
-        if checkpoint:
-            sys.exit("interrupted before the first checkpoint: rerun the same command, without --resume, to start over")
-        sys.exit("interrupted: nothing was left half-written; rerun the same command")
+        sys.exit(interrupted(args, checkpoint, started))
+    except Exception as e:  # Ctrl-C inside an import arrives wrapped (e.g. "Error calling __set_name__")
+        if isinstance(e.__cause__ or e.__context__, KeyboardInterrupt):
+            sys.exit(interrupted(args, checkpoint, started))
+        raise
+
+
+def interrupted(args, checkpoint, started):
+    """What to do after Ctrl-C: --resume from this run's checkpoint (written since it started, or the one it
+    resumed from), or start over."""
+    path = checkpoint(args) if checkpoint else None
+    if path is not None and path.exists() and (args.resume or path.stat().st_mtime >= started):
+        return f"interrupted: rerun the same command with --resume to continue from {path}"
+    if checkpoint:
+        return "interrupted before the first checkpoint: rerun the same command, without --resume, to start over"
+    return "interrupted: nothing was left half-written; rerun the same command"
 
 
 def check_work_dir(work_dir):

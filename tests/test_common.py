@@ -263,3 +263,24 @@ def test_a_share_is_drawn_on_its_whole_scale_and_a_loss_on_its_own(tmp_path):
     assert ranges["eval/accuracy"] == (-0.02, 1.02)
     assert 0.15 < ranges["eval/loss"][0] < 0.19 and 0.25 < ranges["eval/loss"][1] < 0.3
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_ctrl_c_inside_an_import_is_still_an_interrupt(tmp_path, monkeypatch):
+    """Python wraps a KeyboardInterrupt raised in a class body's __set_name__ (a lazy import) in a RuntimeError."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class Args(common.CommonArgs):
+        pass
+
+    def main(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise RuntimeError("Error calling __set_name__ on 'cached_property' instance 'line'") from e
+
+    monkeypatch.setattr("sys.argv", ["script", "--work_dir", str(tmp_path), "--model", str(common.TINY_MODEL_DIR)])
+    with pytest.raises(SystemExit, match="interrupted: nothing was left half-written"):
+        common.run(main, Args)
+    with pytest.raises(SystemExit, match="interrupted before the first checkpoint"):
+        common.run(main, Args, checkpoint=lambda args: tmp_path / "checkpoint.pt")

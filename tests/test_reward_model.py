@@ -287,7 +287,8 @@ def test_ctrl_c_then_resume_continues_from_the_last_checkpoint(tmp_path, tiny_da
             env={**os.environ, "HF_HUB_OFFLINE": "1"},
         )
         deadline = time.time() + 600
-        while last_checkpoint(run_dir) is None and proc.poll() is None and time.time() < deadline:
+        png = run_dir / "reward_model_curves.png"  # drawn after the checkpoint: the save is over
+        while not (last_checkpoint(run_dir) and png.exists()) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
