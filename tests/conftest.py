@@ -8,7 +8,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -74,6 +76,17 @@ def dead_pid():
     proc = subprocess.Popen(["true"])
     proc.wait()
     return proc.pid
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 64  # the listen backlog (5 by default): a 6th connection at once would wait 1 s
+
+
+def serve(handler):
+    """Serve `handler` on a free port of 127.0.0.1 in a daemon thread: the server and its OpenAI-style URL."""
+    server = _Server(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
 
 
 @pytest.fixture

@@ -15,11 +15,12 @@ import multiprocessing
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import openai
 import pytest
+from conftest import serve
 
 import judge
 from judge import Judge, agreement, cache_key, length_controlled_win_rate, win_rates
@@ -68,12 +69,6 @@ def by_length(body):
 def expected_outcome(policy_reply, base_reply):
     """What by_length makes of a pair in both orders."""
     return "win" if len(policy_reply) > len(base_reply) else "tie" if len(policy_reply) == len(base_reply) else "loss"
-
-
-class Server(ThreadingHTTPServer):
-    request_queue_size = (
-        64  # the listen backlog (5 by default): a 6th connection at once would wait 1 s for a SYN retry
-    )
 
 
 class FakeOpenAI:
@@ -128,9 +123,7 @@ class FakeOpenAI:
             def log_message(self, *args):  # keep the test output quiet
                 pass
 
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.server, self.url = serve(Handler)
 
     def answered(self):
         """How many 200 answers each question (system prompt, user message) got."""

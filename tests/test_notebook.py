@@ -9,16 +9,15 @@ unless the test queued a status code (429, 500, 401) or a literal answer for the
 import json
 import math
 import shutil
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import nbformat
 import numpy as np
 import openai
 import pandas as pd
 import pytest
-from conftest import REPO, run_script
+from conftest import REPO, run_script, serve
 from nbclient import NotebookClient
 
 import judge
@@ -26,12 +25,6 @@ from common import DPO_DIR, PPO_DIR, PROCESSED_DIR, REWARD_MODEL_DIR
 from judge import Judge, pair_outcome, wilson_interval, win_rates
 
 API_KEY = "sk-test-do-not-leak-7f3a9c"
-
-
-class Server(ThreadingHTTPServer):
-    request_queue_size = (
-        64  # the listen backlog (5 by default): a 6th connection at once would wait 1 s for a SYN retry
-    )
 
 
 class FakeOpenAI:
@@ -67,9 +60,7 @@ class FakeOpenAI:
             def log_message(self, *args):  # keep the test output quiet
                 pass
 
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.server, self.url = serve(Handler)
 
     @staticmethod
     def answer(body):
