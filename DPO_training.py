@@ -76,7 +76,9 @@ from common import (
     save_args,
     save_checkpoint,
     save_pretrained_atomic,
+    save_snapshot,
     set_seed,
+    sync_snapshots,
     unwrap,
 )
 
@@ -119,6 +121,13 @@ class Args(CommonArgs):
         default=100, metadata={"help": "evaluate on validation every N optimizer steps (0 = end only)"}
     )
     save_every: int = field(default=100, metadata={"help": "write runs/dpo/checkpoint.pt every N optimizer steps"})
+    snapshot_every: int = field(
+        default=0,
+        metadata={
+            "help": "keep a policy-only snapshot every N steps in runs/dpo/snapshots/ for evaluate_models.py's "
+            "frontier (0 = off; about 500 MB each for gpt2)"
+        },
+    )
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in runs/dpo/"})
 
 
@@ -136,6 +145,7 @@ TINY = dict(
     logging_steps=4,
     eval_steps=20,
     save_every=20,
+    snapshot_every=10,
 )
 
 RUN_NAME = "dpo"
@@ -492,6 +502,8 @@ def main(args):
             plot_metrics(logger.path, PLOT_KEYS, run_dir / f"{RUN_NAME}_curves.png", title="DPO")
 
     last_saved = step if args.resume else None
+    if is_main:
+        sync_snapshots(run_dir, step, total_steps, args.snapshot_every, policy)
     window, tokens = [], 0  # per-pair stats and tokens since the last log
     bar = tqdm(total=total_steps, initial=step, desc="dpo", disable=not is_main)
     policy.train()
@@ -529,6 +541,8 @@ def main(args):
                 record |= eval_metrics
             if record:
                 logger.log(step, record)
+            if is_main and args.snapshot_every and step % args.snapshot_every == 0 and step < total_steps:
+                save_snapshot(run_dir, step, policy)  # the last step's is the final model
             if step % args.save_every == 0 or step == total_steps:
                 save(step)
                 last_saved = step

@@ -78,7 +78,9 @@ from common import (
     save_args,
     save_checkpoint,
     save_pretrained_atomic,
+    save_snapshot,
     set_seed,
+    sync_snapshots,
     unwrap,
 )
 
@@ -118,6 +120,13 @@ class Args(CommonArgs):
     eval_every: int = field(default=100, metadata={"help": "steps between held-out evaluations (best checkpoint)"})
     eval_batch_size: int = field(default=64, metadata={"help": "prompts per generate call when evaluating"})
     save_every: int = field(default=100, metadata={"help": "steps between checkpoints in runs/grpo/"})
+    snapshot_every: int = field(
+        default=0,
+        metadata={
+            "help": "keep a policy-only snapshot every N steps in runs/grpo/snapshots/ for evaluate_models.py's "
+            "frontier (0 = off; about 500 MB each for gpt2)"
+        },
+    )
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in runs/grpo/"})
 
 
@@ -137,6 +146,7 @@ TINY = dict(
     target_entropy=0.3,
     eval_every=10,
     save_every=10,
+    snapshot_every=8,
 )
 
 CURVES = [
@@ -372,6 +382,7 @@ def main(args):
     logger = MetricsLogger(run_dir / "metrics.jsonl", resume_step=start_step if args.resume else None, enabled=is_main)
     if is_main:
         save_args(args, run_dir / "args.json")
+        sync_snapshots(run_dir, start_step, args.total_steps, args.snapshot_every, policy)
 
     def evaluate(step):
         """Held-out mean reward, identical on every process (each samples its share, then all gather)."""
@@ -444,6 +455,8 @@ def main(args):
         logger.log(step, metrics)
         progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{kl_per_reply:.3f}")
 
+        if is_main and args.snapshot_every and step % args.snapshot_every == 0 and step < args.total_steps:
+            save_snapshot(run_dir, step, policy)  # the last step's is the final model
         if step % args.save_every == 0 or step == args.total_steps:
             if is_main:
                 save_checkpoint(

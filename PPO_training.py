@@ -90,7 +90,9 @@ from common import (
     run,
     save_checkpoint,
     save_pretrained_atomic,
+    save_snapshot,
     set_seed,
+    sync_snapshots,
     test_prompt_sample,
     unwrap,
 )
@@ -132,6 +134,13 @@ class Args(CommonArgs):
         default=1.0, metadata={"help": "nucleus threshold of the final evaluation (as evaluate_models.py)"}
     )
     eval_batch_size: int = field(default=32, metadata={"help": "prompts per batch in the final evaluation"})
+    snapshot_every: int = field(
+        default=0,
+        metadata={
+            "help": "keep a policy-only snapshot every N steps in runs/ppo/snapshots/ for evaluate_models.py's "
+            "frontier (0 = off; about 500 MB each for gpt2)"
+        },
+    )
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in runs/ppo/"})
 
 
@@ -153,6 +162,7 @@ TINY = dict(
     top_p=1.0,
     reward_max_length=256,
     save_every=10,
+    snapshot_every=5,
     log_samples_every=10,
 )
 
@@ -474,6 +484,8 @@ def main(args):
         )
     elif checkpoint_path.exists() and is_main:
         print(f"starting afresh: {checkpoint_path} from an earlier run will be overwritten (--resume continues it)")
+    if is_main:
+        sync_snapshots(run_dir, start_step, args.total_steps, args.snapshot_every, model.policy)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     logger = MetricsLogger(run_dir / "metrics.jsonl", resume_step=start_step if args.resume else None, enabled=is_main)
@@ -504,6 +516,8 @@ def main(args):
         progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
         if is_main and (step + 1) % args.log_samples_every == 0:
             tqdm.write(f"step {step + 1}\n" + sample_table(samples.prompts, samples.responses, scores))
+        if is_main and args.snapshot_every and (step + 1) % args.snapshot_every == 0 and step + 1 < args.total_steps:
+            save_snapshot(run_dir, step + 1, unwrap(model).policy)  # the last step's is the final model
         if (step + 1) % args.save_every == 0 or step + 1 == args.total_steps:
             if is_main:
                 state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}

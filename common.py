@@ -58,7 +58,9 @@ FILTER_RULES = ("tie", "short", "length_ratio", "char_limit", "unsplittable", "p
 
 # Output folders, as every script and the evaluation name them.
 PROCESSED_DIR = "processed_data"
+GOLD_SPLIT = "gold_train"  # processed_data/'s pairs for the gold reward model alone (data_process.py --gold_share)
 REWARD_MODEL_DIR = "final_reward_model"
+GOLD_REWARD_MODEL_DIR = "final_gold_reward_model"
 PPO_DIR = "ppo_rlhf_model"
 GRPO_BEST_DIR = "grpo_best"
 GRPO_FINAL_DIR = "grpo_rlhf_model"
@@ -382,8 +384,9 @@ def resolve_model_name(name):
     return str(Path(name).resolve()) if Path(name).exists() else name
 
 
-def load_processed_data(args):
-    """`processed_data/` written by data_process.py, checked against this run's base model."""
+def load_processed_data(args, same_tokenizer=False):
+    """`processed_data/` written by data_process.py, checked against this run's base model (`same_tokenizer`:
+    any model whose tokenizer is the one that built it, as a larger gold reward model's)."""
     from datasets import load_from_disk
 
     folder = Path(args.work_dir) / PROCESSED_DIR
@@ -394,7 +397,9 @@ def load_processed_data(args):
         built_with = json.loads((folder / "stats.json").read_text())["base_model"]
     except (ValueError, KeyError, TypeError):
         raise UserError(f"{folder / 'stats.json'} is damaged (no base_model in it): rebuild with `{rebuild}`") from None
-    if built_with != resolve_model_name(args.model):
+    if built_with != resolve_model_name(args.model) and not (
+        same_tokenizer and load_tokenizer(built_with).get_vocab() == load_tokenizer(args.model).get_vocab()
+    ):
         raise UserError(
             f"{folder} was tokenized for base model {built_with!r}, not {resolve_model_name(args.model)!r}: "
             f"rebuild it with `{rebuild}`"
@@ -472,16 +477,17 @@ def command(script, args):
     return shlex.join(words)
 
 
-def load_reward_model(work_dir, device, args=None):
-    """The frozen reward model from `final_reward_model/`, in eval mode, and its tokenizer.
+def load_reward_model(work_dir, device, args=None, gold=False):
+    """The frozen reward model from `final_reward_model/` (`gold`: `final_gold_reward_model/`), in eval mode, and
+    its tokenizer.
 
     `args` (the calling run's) makes the hint to train it name the same preset and model."""
     from transformers import AutoModelForSequenceClassification
 
-    folder = Path(work_dir) / REWARD_MODEL_DIR
+    folder = Path(work_dir) / (GOLD_REWARD_MODEL_DIR if gold else REWARD_MODEL_DIR)
     train = (
         command("reward_model_training.py", args) if args else f"python reward_model_training.py --work_dir {work_dir}"
-    )
+    ) + (f" --train_split {GOLD_SPLIT}" if gold else "")
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder} not found: train it first with `{train}`")
     weights = folder / "model.safetensors"
@@ -778,6 +784,42 @@ def load_checkpoint(path):
         ) from None
     set_rng_state(rng)
     return state
+
+
+SNAPSHOTS_DIR = "snapshots"  # runs/<name>/snapshots/step-N/: policy-only snapshots for the evaluation's frontier
+
+
+def snapshots(run_dir):
+    """The complete snapshots in `run_dir`: [(step, folder)], in step order."""
+    found = [(int(p.name.split("-")[1]), p) for p in (Path(run_dir) / SNAPSHOTS_DIR).glob("step-*")]
+    return sorted((step, p) for step, p in found if (p / "config.json").is_file())
+
+
+def save_snapshot(run_dir, step, policy):
+    """A policy-only snapshot (safetensors + config, no optimizer state) at runs/<name>/snapshots/step-N/.
+
+    Written before the step's checkpoint, so a checkpoint at step N always has the snapshots up to N."""
+    folder = Path(run_dir) / SNAPSHOTS_DIR / f"step-{step}"
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    unwrap(policy).save_pretrained(tmp, safe_serialization=True)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def sync_snapshots(run_dir, step, total_steps, every, policy):
+    """Make runs/<name>/snapshots/ what an uninterrupted run has at `step`: at a fresh start (step 0) an earlier
+    run's snapshots go; at a resume from step N those written after the checkpoint go (the resumed run writes
+    them again), and N's own is written from the checkpoint's weights when a shorter run ended there (its
+    last step's snapshot was its final model). Leftovers of a killed save go with `remove_leftovers`."""
+    remove_leftovers(Path(run_dir) / SNAPSHOTS_DIR)
+    for at, folder in snapshots(run_dir):
+        if at > step:
+            shutil.rmtree(folder)
+    due = every and 0 < step < total_steps and step % every == 0
+    if due and not (Path(run_dir) / SNAPSHOTS_DIR / f"step-{step}" / "config.json").is_file():
+        save_snapshot(run_dir, step, policy)
 
 
 def check_resumable(path):

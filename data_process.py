@@ -16,7 +16,10 @@ split, token-length percentiles, and the base model whose tokenizer built it.
 Steps (the seed's): a seeded subset of 50,000 train pairs -> `filter_edge_cases`
 (tie, short, length ratio, character limit, unsplittable, prompts differ, empty reply)
 -> tokenize to 512 tokens -> 10% of train held out as validation; the test split is
-filtered the same way.
+filtered the same way. With `--gold_share F` (the tiny preset: 0.5) a seeded share F of
+the remaining train pairs moves into a fourth split, `gold_train`: only the gold reward
+model (`reward_model_training.py --train_split gold_train`) reads it, so it judges the
+policies as a reward model they were never optimised against.
 
     python data_process.py                                   # gpt2 tokenizer, Anthropic/hh-rlhf
     python data_process.py --dataset ~/hh-rlhf/harmless-base # a local copy (offline)
@@ -38,6 +41,7 @@ from tqdm import tqdm
 from common import (
     CHAR_LIMIT,
     FILTER_RULES,
+    GOLD_SPLIT,
     PROCESSED_DIR,
     CommonArgs,
     atomic_write_json,
@@ -63,6 +67,10 @@ class Args(CommonArgs):
     train_subset: int = field(default=50_000, metadata={"help": "seeded subset of train pairs to keep (0 = all)"})
     test_subset: int = field(default=0, metadata={"help": "seeded subset of test pairs to keep (0 = all)"})
     validation_share: float = field(default=0.1, metadata={"help": "share of filtered train held out as validation"})
+    gold_share: float = field(
+        default=0.0,
+        metadata={"help": "share of train moved into a gold_train split for a held-out gold reward model (0 = off)"},
+    )
     # filtering
     filter_scope: str = field(
         default="full",
@@ -76,7 +84,7 @@ class Args(CommonArgs):
     max_length: int = field(default=512, metadata={"help": "tokens per chosen/rejected text, truncated from the left"})
 
 
-TINY = dict(max_length=256)
+TINY = dict(max_length=256, gold_share=0.5)
 
 
 def add_text_columns(example):
@@ -95,6 +103,7 @@ def percentiles(lengths):
 
 def main(args):
     check(0 < args.validation_share < 1, f"--validation_share must be in (0, 1), got {args.validation_share}")
+    check(0 <= args.gold_share < 1, f"--gold_share must be in [0, 1), got {args.gold_share}")
     check(args.max_length > 0 and args.char_limit > 0, "--max_length and --char_limit must be positive")
     set_seed(args.seed)
     out_dir = Path(args.work_dir) / PROCESSED_DIR
@@ -138,6 +147,10 @@ def main(args):
     from datasets import DatasetDict
 
     data = DatasetDict(train=held_out["train"], validation=held_out["test"], test=splits["test"])
+    if args.gold_share:
+        # 5. the gold reward model's pairs: disjoint from what the proxy reward model and the policies read
+        gold = data["train"].train_test_split(test_size=args.gold_share, seed=args.seed + 1)
+        data["train"], data[GOLD_SPLIT] = gold["train"], gold["test"]
     check(min(map(len, data.values())) > 0, f"--dataset {args.dataset}: a split is empty after filtering")
 
     stats["rows"] = {k: len(v) for k, v in data.items()}
@@ -146,7 +159,7 @@ def main(args):
         "truncated_share": round(sum(n >= args.max_length for n in lengths) / len(lengths), 4)
     }
 
-    # 5. save under a temporary name, then rename: a half-written folder is never taken for a finished one
+    # 6. save under a temporary name, then rename: a half-written folder is never taken for a finished one
     tmp = out_dir.with_name(f"{PROCESSED_DIR}.tmp-build")
     shutil.rmtree(tmp, ignore_errors=True)
     data.save_to_disk(str(tmp))

@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 from common import (
     DPO_DIR,
+    GOLD_REWARD_MODEL_DIR,
     GRPO_BEST_DIR,
     GRPO_FINAL_DIR,
     PPO_DIR,
@@ -75,6 +76,7 @@ from common import (
     response_logits,
     run,
     set_seed,
+    snapshots,
     test_prompt_sample,
 )
 
@@ -95,6 +97,14 @@ class Args(CommonArgs):
     bootstrap_samples: int = field(
         default=10_000, metadata={"help": "bootstrap resamples for the 95 percent intervals"}
     )
+    frontier: bool = field(
+        default=True,
+        metadata={"help": "score every snapshot and best-of-N too: rlhf_eval_frontier.csv and .png (slower)"},
+    )
+    best_of_n: int = field(
+        default=16,
+        metadata={"help": "the frontier's best-of-N from base: N = 1, 2, 4, ... up to this (a power of 2; 0 = none)"},
+    )
 
 
 TINY = dict(batch_size=50, reward_max_length=256, bootstrap_samples=2000)
@@ -106,6 +116,11 @@ RESPONSES_JSONL = "rlhf_eval_responses.jsonl"
 BOXPLOT_PNG = "rlhf_eval_rewards_boxplot.png"
 REWARD_VS_KL_PNG = "rlhf_eval_reward_vs_kl.png"
 COST_PNG = "rlhf_eval_cost.png"
+FRONTIER_CSV = "rlhf_eval_frontier.csv"
+FRONTIER_PNG = "rlhf_eval_frontier.png"
+# The frontier's methods: (run folder under runs/ holding the snapshots, folder of the final policy).
+# GRPO's path ends in its final policy (grpo_rlhf_model/), not in the best-by-validation one.
+FRONTIER_RUNS = {"ppo": ("ppo", PPO_DIR), "grpo": ("grpo", GRPO_FINAL_DIR), "dpo": ("dpo", DPO_DIR)}
 
 
 def check_grpo_pair(work_dir, args):
@@ -147,27 +162,79 @@ def load_oracle(work_dir):
     return tiny_oracle
 
 
-def evaluate_model(name, model, base, tokenizer, prompts, reward_model, rm_tokenizer, args, oracle=None):
+@dataclass
+class Scorers:
+    """What judges a reply: the proxy reward model (the one the policies were trained against), the held-out
+    gold reward model when it exists, and on the tiny data the generator's oracle."""
+
+    proxy: tuple  # (model, tokenizer)
+    gold: tuple | None = None
+    oracle: object = None
+
+    def score(self, prompts, replies, args):
+        """{"reward": [...], "gold": [...], "oracle": [...]}: an empty list where that judge is absent."""
+
+        def reward(judge):
+            return get_reward(*judge, prompts, replies, args.reward_max_length).tolist() if judge else []
+
+        oracle = [self.oracle.judge(p, r) for p, r in zip(prompts, replies)] if self.oracle else []
+        return {"reward": reward(self.proxy), "gold": reward(self.gold), "oracle": oracle}
+
+
+def reply_lengths(samples, tokenizer):
+    """Reply length without its final EOS: the mask covers the reply up to and including the first EOS."""
+    not_eos = samples.response_ids != tokenizer.eos_token_id  # (B, R)
+    return (samples.response_mask * not_eos).sum(-1).tolist()
+
+
+def evaluate_model(name, model, base, tokenizer, prompts, scorers, args):
     """Sample one reply per prompt, score it, (for a policy) its KL to base, and (tiny data) the oracle's label."""
     set_seed(args.seed)  # every model draws from the same random stream
-    out = {"response": [], "reward": [], "kl": [], "length": [], "oracle": []}
+    out = {"response": [], "reward": [], "gold": [], "kl": [], "length": [], "oracle": []}
     for i in tqdm(range(0, len(prompts), args.batch_size), desc=f"evaluate {name}"):
         batch = prompts[i : i + args.batch_size]
         samples = generate_responses(
             model, tokenizer, batch, args.max_prompt_length, args.max_new_tokens, args.temperature, args.top_p
         )
         out["response"] += samples.responses
-        out["reward"] += get_reward(
-            reward_model, rm_tokenizer, batch, samples.responses, args.reward_max_length
-        ).tolist()
-        # reply length without its final EOS: the mask covers the reply up to and including the first EOS
-        not_eos = samples.response_ids != tokenizer.eos_token_id  # (B, R)
-        out["length"] += (samples.response_mask * not_eos).sum(-1).tolist()
+        for key, values in scorers.score(batch, samples.responses, args).items():
+            out[key] += values
+        out["length"] += reply_lengths(samples, tokenizer)
         if base is not None:
             out["kl"] += sequence_kl(model, base, samples, args.temperature).tolist()
-        if oracle is not None:
-            out["oracle"] += [oracle.judge(p, r) for p, r in zip(batch, samples.responses)]
     return out
+
+
+def best_of_n(base, tokenizer, prompts, base_out, scorers, args):
+    """Best-of-N from base (Stiennon et al. 2020; Gao et al. 2022): per prompt the proxy picks the highest-scoring
+    of N base replies. The first of each prompt's N is base's own evaluated reply (`base_out`), so N = 1 is base;
+    the other N - 1 come from one more seeded stream. Returns {N: out} for N = 1, 2, 4, ... up to --best_of_n,
+    each a best-of-N reply per prompt with its scores and length (its KL is analytic: `best_of_n_kl`)."""
+    extra = args.best_of_n - 1
+    draws = {key: [[v] for v in base_out[key]] for key in ("response", "reward", "gold", "oracle", "length")}
+    set_seed(args.seed + 1)
+    per_call = max(1, args.batch_size // max(extra, 1))  # prompts per generate call: about --batch_size rows
+    for i in tqdm(range(0, len(prompts) if extra else 0, per_call), desc=f"best-of-{args.best_of_n} from base"):
+        batch = prompts[i : i + per_call]
+        samples = generate_responses(
+            base, tokenizer, batch, args.max_prompt_length, args.max_new_tokens, args.temperature, args.top_p,
+            num_return_sequences=extra,
+        )  # fmt: skip
+        new = scorers.score(samples.prompts, samples.responses, args)
+        new |= {"response": samples.responses, "length": reply_lengths(samples, tokenizer)}
+        for key, values in new.items():
+            for j, value in enumerate(values):  # rows are prompt-major: `extra` replies of one prompt in a row
+                draws[key][i + j // extra].append(value)
+    results = {}
+    for n in (2**k for k in range(args.best_of_n.bit_length())):
+        picks = [int(np.argmax(rewards[:n])) for rewards in draws["reward"]]  # the first of equal scores
+        results[n] = {key: [d[p] for d, p in zip(values, picks)] if values[0] else [] for key, values in draws.items()}
+    return results
+
+
+def best_of_n_kl(n):
+    """KL(best-of-N || base) = log N - (N - 1) / N nats (Stiennon et al. 2020, appendix G.3)."""
+    return float(np.log(n) - (n - 1) / n)
 
 
 def bootstrap_ci(values, num_samples, seed, level=0.95):
@@ -208,6 +275,14 @@ def oracle_summary(labels, base_labels, labels_order, args):
     }
 
 
+def gold_columns(out, args):
+    """The gold reward model's mean score with its 95% interval, when the replies carry gold scores."""
+    if not out.get("gold"):
+        return {}
+    low, high = bootstrap_ci(out["gold"], args.bootstrap_samples, args.seed)
+    return {"gold_mean": float(np.mean(out["gold"])), "gold_ci_low": low, "gold_ci_high": high}
+
+
 def summarize(results, costs, args, oracle_labels=None):
     """One row per model: reward (95% bootstrap CI), share beating base, KL, diversity, length, cost,
     and, where the replies carry oracle labels (`oracle_labels`: every label, "good" first), the oracle's columns."""
@@ -223,6 +298,7 @@ def summarize(results, costs, args, oracle_labels=None):
             "reward_ci_high": high,
             "beats_base_share": np.nan if name == "base" else float(np.mean(rewards > base_rewards)),
             "kl_mean": 0.0 if name == "base" else float(np.mean(out["kl"])),
+            **gold_columns(out, args),
             "distinct_share": len(set(out["response"])) / len(out["response"]),
             "length_mean": float(np.mean(out["length"])),
             **{k: costs.get(name, {}).get(k, np.nan) for k in ("train_time_s", "train_tokens", "train_peak_mb")},
@@ -235,12 +311,106 @@ def summarize(results, costs, args, oracle_labels=None):
     return summary
 
 
+def frontier_row(method, step, n, out, kl, args):
+    """One point of the frontier: proxy reward, gold reward, oracle share (each with a 95% interval where it
+    exists), KL to base, distinct share and length of one set of replies."""
+    low, high = bootstrap_ci(out["reward"], args.bootstrap_samples, args.seed)
+    row = {"method": method, "step": step, "n": n, "kl": kl, "sqrt_kl": float(np.sqrt(max(kl, 0.0)))}
+    row |= {"proxy_mean": float(np.mean(out["reward"])), "proxy_ci_low": low, "proxy_ci_high": high}
+    row |= gold_columns(out, args)
+    if out.get("oracle"):
+        good = np.asarray(out["oracle"]) == "good"
+        low, high = bootstrap_ci(good, args.bootstrap_samples, args.seed)
+        row |= {"oracle_good": float(good.mean()), "oracle_good_ci_low": low, "oracle_good_ci_high": high}
+    distinct = len(set(out["response"])) / len(out["response"])
+    return row | {"distinct_share": distinct, "length_mean": float(np.mean(out["length"]))}
+
+
+def last_step(folder):
+    """The step of the last record in a model folder's metrics.jsonl (None without one)."""
+    path = Path(folder) / "metrics.jsonl"
+    records = read_metrics(path) if path.is_file() else []
+    return records[-1]["step"] if records else None
+
+
+def frontier(work_dir, base, tokenizer, prompts, results, scorers, load_policy, args):
+    """The reward-KL frontier: base; every snapshot and the final policy of each method; best-of-N from base.
+    All on the same prompts, decoding settings and seed as the table; a table model's replies are reused."""
+    rows = [frontier_row("base", 0, None, results["base"], 0.0, args)]
+    for method, (run_name, final_dir) in FRONTIER_RUNS.items():
+        final = work_dir / final_dir
+        if not (final / "config.json").is_file():
+            print(f"{final} not found: {method} has no path on the frontier")
+            continue
+        final_step = last_step(final)
+        points = []
+        for step, folder in snapshots(work_dir / "runs" / run_name):
+            if final_step is not None and step >= final_step:
+                print(f"{folder} is not before {final}'s last step {final_step}: an earlier run's, left out")
+                continue
+            points.append((step, evaluate_model(f"{method} step {step}", load_policy(folder), base, tokenizer,
+                                                prompts, scorers, args)))  # fmt: skip
+        reuse = POLICY_DIRS.get(method) == final_dir
+        out = results[method] if reuse else evaluate_model(method, load_policy(final), base, tokenizer, prompts,
+                                                            scorers, args)  # fmt: skip
+        points.append((final_step, out))
+        rows += [frontier_row(method, step, None, out, float(np.mean(out["kl"])), args) for step, out in points]
+    if args.best_of_n:
+        for n, out in best_of_n(base, tokenizer, prompts, results["base"], scorers, args).items():
+            rows.append(frontier_row("best_of_n", None, n, out, best_of_n_kl(n), args))
+    table = pd.DataFrame(rows)
+    table[["step", "n"]] = table[["step", "n"]].astype("Int64")
+    return table
+
+
+def plot_frontier(path, table):
+    """Proxy reward, gold reward and the oracle's share of real answers against sqrt(KL to base): one line per
+    method from base through its snapshots to its final policy, best-of-N from base as the reference curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("proxy_mean", "proxy", "proxy reward (the policies' own)")]
+    panels += [("gold_mean", "gold", "gold reward (held out)")] if "gold_mean" in table else []
+    panels += [("oracle_good", "oracle_good", "oracle: share of real answers")] if "oracle_good" in table else []
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
+    base = table[table.method == "base"]
+    for ax, (key, ci, label) in zip(axes[0], panels):
+        for i, method in enumerate(FRONTIER_RUNS):
+            path_points = pd.concat([base, table[table.method == method]])
+            if len(path_points) > 1:
+                ax.errorbar(
+                    path_points.sqrt_kl, path_points[key],
+                    yerr=[path_points[key] - path_points[f"{ci}_ci_low"], path_points[f"{ci}_ci_high"] - path_points[key]],
+                    marker="o", ms=4, capsize=2, color=f"C{i + 1}", label=method,
+                )  # fmt: skip
+        bon = table[table.method == "best_of_n"]
+        if len(bon):
+            ax.plot(bon.sqrt_kl, bon[key], "k--", marker="s", ms=4, label="best-of-N from base")
+            for _, row in bon.iterrows():
+                ax.annotate(
+                    f"N={row.n}", (row.sqrt_kl, row[key]), fontsize=7, xytext=(3, -9), textcoords="offset points"
+                )
+        ax.scatter(base.sqrt_kl, base[key], color="C0", zorder=3, label="base")
+        ax.set_xlabel("sqrt(KL to base), nats^0.5")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("what the policies bought: reward against drift from base")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def results_table(prompts, results):
     """Sheet 1: prompt, then per model its response, reward and (policies) KL, in pipeline order."""
     columns = {"prompt": prompts}
     for name, out in results.items():
         columns[f"{name}_response"] = out["response"]
         columns[f"{name}_reward"] = out["reward"]
+        if out.get("gold"):
+            columns[f"{name}_gold"] = out["gold"]
         if name != "base":
             columns[f"{name}_kl"] = out["kl"]
         if out.get("oracle"):
@@ -367,6 +537,10 @@ def main(args):
     check(args.temperature > 0, f"--temperature must be positive, got {args.temperature}")
     check(0 < args.top_p <= 1, f"--top_p must be in (0, 1], got {args.top_p}")
     check(args.bootstrap_samples > 0, f"--bootstrap_samples must be positive, got {args.bootstrap_samples}")
+    check(
+        args.best_of_n >= 0 and args.best_of_n & (args.best_of_n - 1) == 0,
+        f"--best_of_n must be 0 or a power of 2 (1, 2, 4, ...), got {args.best_of_n}",
+    )
     work_dir = Path(args.work_dir)
     check_grpo_pair(work_dir, args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -400,36 +574,59 @@ def main(args):
         else:
             print(f"{work_dir / folder} not found: {name} is left out of the evaluation")
 
+    gold = None
+    if (work_dir / GOLD_REWARD_MODEL_DIR / "config.json").is_file():
+        gold = load_reward_model(work_dir, device, args, gold=True)
+        print(f"{work_dir / GOLD_REWARD_MODEL_DIR}: the held-out gold reward model scores every reply too")
     oracle = load_oracle(work_dir)
     if oracle:
         print("tiny data: the generator's oracle (assets/tiny_oracle.py) labels every reply beside the reward model")
+    scorers = Scorers((reward_model, rm_tokenizer), gold, oracle)
 
-    # sample, score and measure KL, one policy in memory at a time
-    print(f"evaluating base and {', '.join(policies) or 'no policy'} on {len(prompts)} test prompts")
-    score = dict(reward_model=reward_model, rm_tokenizer=rm_tokenizer, args=args, oracle=oracle)
-    results = {"base": evaluate_model("base", base, None, tokenizer, prompts, **score)}
-    costs = {}
-    for name, folder in policies.items():
+    def load_policy(folder):
         policy = load_causal_lm(folder, tokenizer).to(device).eval()
         check(
             policy.config.vocab_size == base.config.vocab_size,
             f"{folder} has a vocabulary of {policy.config.vocab_size}, base {args.model} of "
             f"{base.config.vocab_size}: was it trained from another --model?",
         )
-        results[name] = evaluate_model(name, policy, base, tokenizer, prompts, **score)
+        return policy
+
+    # sample, score and measure KL, one policy in memory at a time
+    print(f"evaluating base and {', '.join(policies) or 'no policy'} on {len(prompts)} test prompts")
+    results = {"base": evaluate_model("base", base, None, tokenizer, prompts, scorers, args)}
+    costs = {}
+    for name, folder in policies.items():
+        results[name] = evaluate_model(name, load_policy(folder), base, tokenizer, prompts, scorers, args)
         costs[name] = training_cost(folder)
-        del policy
+    # the frontier: every snapshot and final policy, best-of-N from base, on the same prompts
+    points = (
+        frontier(work_dir, base, tokenizer, prompts, results, scorers, load_policy, args) if args.frontier else None
+    )
 
     # save: the table and summary, the raw text, the plots
     summary = summarize(results, costs, args, oracle.LABELS if oracle else None)
     write_xlsx(work_dir / RESULTS_XLSX, results_table(prompts, results), summary)
     write_jsonl(work_dir / RESPONSES_JSONL, test_indices, prompts, results)
     plot_results(work_dir, results, summary)
+    written = [RESULTS_XLSX, RESPONSES_JSONL, BOXPLOT_PNG, REWARD_VS_KL_PNG, COST_PNG]
+    if points is not None:
+        tmp = work_dir / f".{FRONTIER_CSV}.tmp-{os.getpid()}"
+        points.to_csv(tmp, index=False)
+        replace_file(tmp, work_dir / FRONTIER_CSV)
+        plot_frontier(work_dir / FRONTIER_PNG, points)
+        written += [FRONTIER_CSV, FRONTIER_PNG]
     oracle_columns = [c for c in summary.columns if c.startswith("oracle_")]
     for columns in ([c for c in summary.columns if c not in oracle_columns], ["model", *oracle_columns]):
         if len(columns) > 1:
             print(summary[columns].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
-    for name in (RESULTS_XLSX, RESPONSES_JSONL, BOXPLOT_PNG, REWARD_VS_KL_PNG, COST_PNG):
+    if points is not None:
+        shown = ["method", "step", "n", "kl", "proxy_mean", "gold_mean", "oracle_good", "distinct_share", "length_mean"]
+        table = points[[c for c in shown if c in points]].to_string(
+            index=False, float_format="{:.3f}".format, na_rep=""
+        )
+        print(f"the frontier (proxy and gold reward, oracle share against KL to base):\n{table}")
+    for name in written:
         print(f"wrote {work_dir / name}")
 
 

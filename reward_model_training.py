@@ -52,13 +52,17 @@ from transformers.utils import logging as hf_logging
 
 from common import (
     FINISHING,
+    GOLD_REWARD_MODEL_DIR,
+    GOLD_SPLIT,
     OFFLINE_HINT,
+    PROCESSED_DIR,
     REWARD_MODEL_DIR,
     CommonArgs,
     MetricsLogger,
     UserError,
     atomic_write_json,
     check,
+    command,
     damage,
     first_line,
     load_processed_data,
@@ -97,10 +101,20 @@ class Args(CommonArgs):
     save_steps: int = field(default=500, metadata={"help": "write a checkpoint to runs/reward_model/ every N steps"})
     save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept in runs/reward_model/"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in runs/reward_model/"})
+    # data
+    train_split: str = field(
+        default="train",
+        metadata={
+            "help": "train the proxy reward model (train: final_reward_model/, runs/reward_model/) or the held-out "
+            "gold one (gold_train, from data_process.py --gold_share: final_gold_reward_model/, "
+            "runs/gold_reward_model/; --model may then be a larger GPT-2 with the same tokenizer)",
+            "choices": ["train", GOLD_SPLIT],
+        },
+    )
 
 
 TINY = dict(
-    num_train_epochs=0.4,
+    num_train_epochs=0.8,
     learning_rate=2e-3,
     per_device_train_batch_size=32,
     per_device_eval_batch_size=64,
@@ -111,6 +125,16 @@ TINY = dict(
 )
 
 RUN_NAME = "reward_model"
+
+
+def outputs(args):
+    """(run folder, final folder, run name): the proxy reward model's, or the gold one's (--train_split gold_train)."""
+    gold = args.train_split == GOLD_SPLIT
+    name = f"gold_{RUN_NAME}" if gold else RUN_NAME
+    work_dir = Path(args.work_dir)
+    return work_dir / "runs" / name, work_dir / (GOLD_REWARD_MODEL_DIR if gold else REWARD_MODEL_DIR), name
+
+
 TOKEN_COLUMNS = ["input_ids_chosen", "attention_mask_chosen", "input_ids_rejected", "attention_mask_rejected"]
 CURVES = ["train/loss", "eval/loss", "train/accuracy", "eval/accuracy", "train/margin", "eval/margin"]
 
@@ -299,7 +323,7 @@ def main(args):
         f"--save_steps ({args.save_steps}) must be a multiple of --logging_steps ({args.logging_steps}): "
         "a checkpoint then follows a log, and a resumed run logs what the uninterrupted one would",
     )
-    run_dir = Path(args.work_dir) / "runs" / RUN_NAME
+    run_dir, out_dir, run_name = outputs(args)
     processes = PartialState()  # what Trainer will run on; only the main process removes and prints
     checkpoint, finished, resume_step, records = None, False, None, {}
     if args.resume:
@@ -317,7 +341,12 @@ def main(args):
             print(f"resuming from {checkpoint} (step {resume_step}){FINISHING if finished else ''}")
 
     set_seed(args.seed)  # before the randomly initialised score head is built
-    data = load_processed_data(args).select_columns(TOKEN_COLUMNS)
+    data = load_processed_data(args, same_tokenizer=args.train_split == GOLD_SPLIT).select_columns(TOKEN_COLUMNS)
+    check(
+        args.train_split in data,
+        f"{Path(args.work_dir) / PROCESSED_DIR} has no {args.train_split} split: rebuild it with "
+        f"`{command('data_process.py', args)} --gold_share 0.5` (a gold reward model needs pairs of its own)",
+    )
     for split in ("validation", "test") if args.max_eval_samples else ():
         data[split] = data[split].select(range(min(args.max_eval_samples, len(data[split]))))
     tokenizer = load_tokenizer(args.model)
@@ -375,13 +404,13 @@ def main(args):
         keep_records=records.get("metrics_records"),
         enabled=is_main,
     )
-    png_path = run_dir / f"{RUN_NAME}_curves.png"
+    png_path = run_dir / f"{run_name}_curves.png"
 
     trainer = RewardTrainer(
         model=model,
         args=training_args,
         data_collator=RewardDataCollatorWithPadding(tokenizer),
-        train_dataset=data["train"],
+        train_dataset=data[args.train_split],
         eval_dataset=data["validation"],
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
@@ -405,11 +434,11 @@ def main(args):
         "margin": test["test_margin"],
         "global_step": trainer.state.global_step,
         "base_model": resolve_model_name(args.model),
+        "train_split": args.train_split,
     }
     if trainer.is_world_process_zero():
         print(f"test: accuracy {results['accuracy']:.4f}, loss {results['loss']:.4f}, margin {results['margin']:.4f}")
         plot_metrics(metrics_logger.path, CURVES, png_path, title="reward model")
-        out_dir = Path(args.work_dir) / REWARD_MODEL_DIR
         save_pretrained_atomic(
             out_dir,
             trainer.model,
@@ -417,7 +446,7 @@ def main(args):
             extra={
                 "eval_results.json": lambda p: atomic_write_json(p, results),
                 "metrics.jsonl": lambda p: shutil.copy(metrics_logger.path, p),
-                f"{RUN_NAME}_curves.png": lambda p: shutil.copy(png_path, p),
+                png_path.name: lambda p: shutil.copy(png_path, p),
                 "args.json": lambda p: save_args(args, p),
             },
         )
@@ -425,4 +454,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run(main, Args, TINY, checkpoint=lambda args: last_checkpoint(Path(args.work_dir) / "runs" / RUN_NAME))
+    run(main, Args, TINY, checkpoint=lambda args: last_checkpoint(outputs(args)[0]))

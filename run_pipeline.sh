@@ -1,23 +1,32 @@
 #!/usr/bin/env bash
-# Run the pipeline's six stages in order; see `bash run_pipeline.sh --help`.
+# Run the pipeline's stages in order (or side by side with --jobs); see `bash run_pipeline.sh --help`.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
-STAGES=(data reward ppo grpo dpo eval)
-declare -A SCRIPT=([data]=data_process.py [reward]=reward_model_training.py [ppo]=PPO_training.py
-  [grpo]=GRPO_training.py [dpo]=DPO_training.py [eval]=evaluate_models.py)
+STAGES=(data reward gold ppo grpo dpo eval)
+declare -A SCRIPT=([data]=data_process.py [reward]=reward_model_training.py [gold]=reward_model_training.py
+  [ppo]=PPO_training.py [grpo]=GRPO_training.py [dpo]=DPO_training.py [eval]=evaluate_models.py)
+declare -A FIXED=([gold]="--train_split gold_train") # what makes a stage of a shared script
+# What each stage reads: with --jobs 2, stages whose inputs are ready run side by side
+declare -A NEEDS=([data]="" [reward]=data [gold]=data [ppo]=reward [grpo]=reward [dpo]=data
+  [eval]="reward gold ppo grpo dpo")
 
 usage() {
   cat <<'EOF'
-Usage: bash run_pipeline.sh [--FLAG VALUE ...] [--STAGE.FLAG VALUE ...] [--from STAGE | --only STAGE]
+Usage: bash run_pipeline.sh [--FLAG VALUE ...] [--STAGE.FLAG VALUE ...] [--from STAGE | --only STAGE] [--jobs N]
 
-Runs data_process.py, reward_model_training.py, PPO_training.py, GRPO_training.py, DPO_training.py and
-evaluate_models.py in order (stages: data reward ppo grpo dpo eval), and stops at the first that fails.
+Runs data_process.py, reward_model_training.py (the proxy reward model, then the gold one where
+processed_data/ has a gold_train split), PPO_training.py, GRPO_training.py, DPO_training.py and
+evaluate_models.py (stages: data reward gold ppo grpo dpo eval), and stops at the first that fails.
 
   --FLAG VALUE        goes to every stage: --preset, --work_dir, --seed, --model, ...
   --STAGE.FLAG VALUE  goes to one stage only: --ppo.total_steps 5, --dpo.max_steps 40, --eval.num_prompts 50
   --from STAGE        start at STAGE; the earlier stages' outputs must be in --work_dir already
   --only STAGE        run STAGE alone
+  --jobs N            run up to N stages at once where their inputs are ready (reward, gold and dpo need
+                      only the data; ppo and grpo the reward model); a stage beside another writes its
+                      output to WORK_DIR/logs/STAGE.log. Default 2 for --preset tiny on 2 or more cores
+                      (one BLAS thread each), else 1 (one GPU runs one stage at a time)
   -h, --help          this help (a stage's flags: python SCRIPT.py --help)
 
   bash run_pipeline.sh --preset tiny --work_dir runs/demo                       # offline, CPU, minutes
@@ -39,12 +48,18 @@ stage_index() { # the position of stage $1 in STAGES, or a one-line error
 # Split the command line: flags for every stage, flags for one stage (`--ppo.x`), and the stage range.
 # A value is every word after a flag up to the next `--` word, so `--x 1`, `--x=1` and bare switches work.
 declare -A STAGE_ARGS=()
-common=() first=0 last=$((${#STAGES[@]} - 1)) target=common
+common=() first=0 last=$((${#STAGES[@]} - 1)) target=common jobs=
 while (($#)); do
   word=$1
   shift
   case $word in
     -h | --help) usage && exit 0 ;;
+    --jobs)
+      [[ ${1:-} =~ ^[1-9][0-9]*$ ]] || die "--jobs needs a positive number of stages, got '${1:-}'"
+      jobs=$1
+      shift
+      continue
+      ;;
     --from | --only)
       (($#)) || die "$word needs a stage (${STAGES[*]})"
       first=$(stage_index "$1" "$word")
@@ -67,30 +82,107 @@ while (($#)); do
 done
 
 # --work_dir must exist before the first script writes into it
+work_dir=.
 for ((i = 0; i < ${#common[@]}; i++)); do
   case "${common[i]}" in
-    --work_dir) mkdir -p "${common[i + 1]}" ;;
-    --work_dir=*) mkdir -p "${common[i]#--work_dir=}" ;;
+    --work_dir) work_dir=${common[i + 1]} ;;
+    --work_dir=*) work_dir=${common[i]#--work_dir=} ;;
   esac
 done
+mkdir -p "$work_dir"
 
-# The tiny models are too small for two BLAS threads to pay off, and on a busy machine two threads
-# per process thrash (we measured 2-5x slower): one thread unless the caller says otherwise.
+# The tiny models are too small for two BLAS threads to pay off in training, and two threads per
+# process beside another process thrash (we measured 2-5x slower): one thread per stage unless the
+# caller says otherwise, and the second core runs a second stage instead. A stage running alone (the
+# data, the evaluation) gets every job's core: the evaluation's wide batches run 1.5x faster on two.
+alone_threads=
 if [[ " ${common[*]} " == *" --preset tiny "* || " ${common[*]} " == *" --preset=tiny "* ]]; then
+  [[ -n $jobs ]] || jobs=$(($(OMP_NUM_THREADS='' nproc) >= 2 ? 2 : 1)) # nproc counts OMP_NUM_THREADS
+  [[ -n ${OMP_NUM_THREADS:-} ]] || alone_threads=$jobs
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+fi
+jobs=${jobs:-1}
+if ((jobs > 1 && (BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1]) < 501)); then
+  echo "== bash $BASH_VERSION cannot wait for the first of several stages (bash 5.1 can): one stage at a time"
+  jobs=1
 fi
 
 # Into a log file rather than a terminal, progress bars redraw every 30 s instead of ten times a second
 # (tqdm reads TQDM_* variables as its defaults): a log holds progress, not megabytes of redraws.
 [[ -t 2 ]] || export TQDM_MININTERVAL=${TQDM_MININTERVAL:-30}
 
+# The scheduler: a stage starts once the stages it reads are done (those before --from count as done),
+# at most $jobs at a time, in the order of STAGES. A stage alone runs in the foreground, its output live.
+declare -A STATE=() PID=() T0=()
+for ((i = 0; i < ${#STAGES[@]}; i++)); do
+  ((i >= first && i <= last)) && STATE[${STAGES[i]}]=waiting || STATE[${STAGES[i]}]=done
+done
+
+ready() { # every stage $1 reads is done
+  for need in ${NEEDS[$1]}; do [[ ${STATE[$need]} == done ]] || return 1; done
+}
+
+launch() { # start stage $1: in the foreground when $2 is "fg", else into its log
+  local stage=$1 own
+  eval "own=(${FIXED[$stage]:-} ${STAGE_ARGS[$stage]:-})"
+  if [[ $stage == gold && ! -d $work_dir/processed_data/gold_train && $PYTHON != echo ]]; then
+    echo "== gold: skipped ($work_dir/processed_data has no gold_train split: data_process.py --gold_share F makes one)"
+    STATE[$stage]=done
+    return
+  fi
+  T0[$stage]=$(date +%s) STATE[$stage]=running
+  if [[ $2 == fg ]]; then
+    echo "== ${SCRIPT[$stage]} ${common[*]} ${own[*]}"
+    local threads=() # alone, with every job's core (tiny) or as the caller set it
+    [[ -z $alone_threads ]] || threads=(env "OMP_NUM_THREADS=$alone_threads")
+    "${threads[@]}" "$PYTHON" "${SCRIPT[$stage]}" "${common[@]}" "${own[@]}"
+    finish "$stage"
+  else
+    mkdir -p "$work_dir/logs"
+    echo "== ${SCRIPT[$stage]} ${common[*]} ${own[*]}  (beside another stage; log: $work_dir/logs/$stage.log)"
+    "$PYTHON" "${SCRIPT[$stage]}" "${common[@]}" "${own[@]}" >"$work_dir/logs/$stage.log" 2>&1 &
+    PID[$stage]=$!
+  fi
+}
+
+finish() {
+  STATE[$1]=done
+  echo "== $1 (${SCRIPT[$1]}) done in $(($(date +%s) - T0[$1])) s"
+}
+
 start=$(date +%s)
-for ((i = first; i <= last; i++)); do
-  stage=${STAGES[i]}
-  eval "own=(${STAGE_ARGS[$stage]:-})"
-  echo "== ${SCRIPT[$stage]} ${common[*]} ${own[*]}"
-  t0=$(date +%s)
-  "$PYTHON" "${SCRIPT[$stage]}" "${common[@]}" "${own[@]}"
-  echo "== ${SCRIPT[$stage]} done in $(($(date +%s) - t0)) s"
+while :; do
+  running=() startable=()
+  for stage in "${STAGES[@]}"; do
+    [[ ${STATE[$stage]} == running ]] && running+=("$stage")
+    [[ ${STATE[$stage]} == waiting ]] && ready "$stage" && startable+=("$stage")
+  done
+  ((${#running[@]} + ${#startable[@]})) || break
+  if ((${#running[@]} == 0 && (${#startable[@]} == 1 || jobs == 1))); then
+    launch "${startable[0]}" fg # alone: live output
+    continue
+  fi
+  for stage in "${startable[@]}"; do
+    ((${#running[@]} < jobs)) || break
+    launch "$stage" bg
+    [[ ${STATE[$stage]} == running ]] && running+=("$stage")
+  done
+  ((${#running[@]})) || continue
+  pids=()
+  for stage in "${running[@]}"; do pids+=("${PID[$stage]}"); done
+  status=0
+  wait -n -p ended "${pids[@]}" || status=$?
+  for stage in "${running[@]}"; do
+    [[ ${PID[$stage]} == "$ended" ]] || continue
+    if ((status)); then
+      tail -n 20 "$work_dir/logs/$stage.log" >&2
+      echo "run_pipeline.sh: $stage (${SCRIPT[$stage]}) failed with status $status: its log is $work_dir/logs/$stage.log" >&2
+      for other in "${running[@]}"; do [[ $other == "$stage" ]] || kill "${PID[$other]}" 2>/dev/null || true; done
+      wait
+      exit "$status"
+    fi
+    tail -n 1 "$work_dir/logs/$stage.log"
+    finish "$stage"
+  done
 done
 echo "== pipeline done in $(($(date +%s) - start)) s"

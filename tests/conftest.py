@@ -123,12 +123,37 @@ def work(tiny_reward_dir, tmp_path):
     return tmp_path
 
 
-def evaluate_against_base(work):
-    """`evaluate_models.py --preset tiny` on a work dir, as a user runs it: its summary sheet, one row per model.
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_reward_dir, tmp_path_factory):
+    """`bash run_pipeline.sh --preset tiny` as the README's demo runs it, once per session: on the session's data
+    and reward model, the rest of it (`--from gold`: the gold reward model, PPO, GRPO, DPO side by side, then the
+    evaluation with its frontier). The learning tests read what it leaves; none of them writes into it."""
+    work = tmp_path_factory.mktemp("tiny_pipeline")
+    for name in ("processed_data", "final_reward_model"):
+        (work / name).symlink_to(tiny_reward_dir / name)
+    proc = subprocess.run(
+        ["bash", str(REPO / "run_pipeline.sh"), "--preset", "tiny", "--work_dir", str(work), "--from", "gold"],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        env={**SCRIPT_ENV, "PYTHON": sys.executable},
+    )
+    (work / "pipeline.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, (
+        f"run_pipeline.sh failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+    return work
 
-    On the tiny data the summary carries the oracle's columns (`oracle_good`, `oracle_gain_ci_low`, ...),
-    the truth about the replies that a learning test checks beside the reward model's score."""
+
+def pipeline_summary(work):
+    """The summary sheet of the evaluation in `work`: one row per model (base first), the oracle's columns on the
+    tiny data (`oracle_good`, `oracle_gain_ci_low`, ...), the truth about the replies beside the proxy's score."""
     import pandas as pd
 
-    run_script("evaluate_models.py", "--preset", "tiny", "--work_dir", work)
     return pd.read_excel(work / "rlhf_eval_results_with_base.xlsx", sheet_name="summary").set_index("model")
+
+
+def pipeline_output(work):
+    """What the pipeline in `work` printed: the runner's own output and each log of a stage run beside another."""
+    logs = sorted((work / "logs").glob("*.log")) if (work / "logs").is_dir() else []
+    return "\n".join(path.read_text() for path in [work / "pipeline.log", *logs])

@@ -14,12 +14,12 @@ TEXT_COLUMNS = ["chosen", "rejected", "prompt", "chosen_response", "rejected_res
 TOKEN_COLUMNS = ["input_ids_chosen", "attention_mask_chosen", "input_ids_rejected", "attention_mask_rejected"]
 
 
-def test_tiny_processed_data_has_three_splits_text_and_token_columns(tiny_data_dir):
+def test_tiny_processed_data_has_four_splits_text_and_token_columns(tiny_data_dir):
     from datasets import load_from_disk
 
     data = load_from_disk(str(tiny_data_dir / "processed_data"))
-    assert set(data) == {"train", "validation", "test"}
-    assert len(data["train"]) >= 4000 and len(data["test"]) >= 400 and len(data["validation"]) > 0
+    assert set(data) == {"train", "validation", "test", common.GOLD_SPLIT}  # the tiny preset's --gold_share 0.5
+    assert len(data["train"]) >= 2000 and len(data["test"]) >= 400 and len(data["validation"]) > 0
     for split in data.values():
         assert set(TEXT_COLUMNS + TOKEN_COLUMNS) <= set(split.column_names)
     row = data["train"][0]
@@ -33,6 +33,26 @@ def test_tiny_processed_data_has_three_splits_text_and_token_columns(tiny_data_d
     for rule in common.FILTER_RULES:  # the tiny data holds rows for every rule
         assert stats["rows_dropped"]["train"][rule] > 0, rule
     assert stats["train_token_lengths"]["p50"] > 0
+
+
+def pair_keys(split):
+    return sorted(zip(split["chosen"], split["rejected"]))
+
+
+def test_gold_share_moves_a_seeded_disjoint_share_of_train_into_gold_train(tiny_data_dir, tmp_path):
+    from datasets import load_from_disk
+
+    run_script("data_process.py", "--preset", "tiny", "--work_dir", tmp_path, "--gold_share", 0)
+    without = load_from_disk(str(tmp_path / "processed_data"))
+    assert set(without) == {"train", "validation", "test"}  # 0: off
+    data = load_from_disk(str(tiny_data_dir / "processed_data"))
+    # the same validation and test; train split in two, every pair in exactly one of them
+    for split in ("validation", "test"):
+        assert pair_keys(data[split]) == pair_keys(without[split])
+    assert sorted(pair_keys(data["train"]) + pair_keys(data[common.GOLD_SPLIT])) == pair_keys(without["train"])
+    assert len(data[common.GOLD_SPLIT]) == pytest.approx(0.5 * len(without["train"]), abs=1)
+    stats = json.loads((tiny_data_dir / "processed_data" / "stats.json").read_text())
+    assert stats["rows"][common.GOLD_SPLIT] == len(data[common.GOLD_SPLIT])
 
 
 def test_tokenization_truncates_from_the_left_keeping_the_final_reply(tmp_path):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, evaluate_against_base, run_script
+from conftest import REPO, pipeline_output, pipeline_summary
 from safetensors.torch import load_file
 
 import common
@@ -307,11 +307,12 @@ def test_two_processes_train_identical_weights(tiny_data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_run_learns_the_preferences(work):
-    """The tiny preset end to end: from loss log 2 and no reward margin at step 0 (the policy is the reference)
-    to a validation implicit-reward accuracy >= 0.8 and a loss well below log 2; then more real answers than base."""
-    proc = run_script("DPO_training.py", "--preset", "tiny", "--work_dir", work)
-    assert "validation: loss" in proc.stdout
+def test_tiny_run_learns_the_preferences(tiny_pipeline):
+    """The tiny preset as the pipeline runs it: from loss log 2 and no reward margin at step 0 (the policy is the
+    reference) to a validation implicit-reward accuracy >= 0.8 and a loss well below log 2; then more real answers
+    than base."""
+    work = tiny_pipeline
+    assert "validation: loss" in pipeline_output(work)
     out = work / common.DPO_DIR
     for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "dpo_curves.png", "args.json"):
         assert (out / name).is_file(), name
@@ -328,7 +329,7 @@ def test_tiny_run_learns_the_preferences(work):
     assert (work / "runs/dpo/checkpoint.pt").is_file()
 
     # the truth, not the proxy: more real answers than base (the tiny oracle), by a margin its 95% interval clears
-    summary = evaluate_against_base(work)
+    summary = pipeline_summary(work)
     assert summary.loc["dpo", "oracle_gain_ci_low"] > 0, summary.T
     assert summary.loc["dpo", "distinct_share"] >= 0.9
 

@@ -98,6 +98,42 @@ def test_sequence_kl_matches_a_per_sequence_loop_without_padding():
     assert sequence_kl(base, base, samples, temperature).abs().max().item() == 0.0
 
 
+def test_best_of_n_keeps_the_proxys_first_best_among_the_first_n_replies(monkeypatch):
+    """N = 1 is base's own reply; each N picks the highest proxy reward among a prompt's first N replies."""
+    import evaluate_models
+
+    proxy = {"p0": [0.5, 0.2, 0.9, 0.9], "p1": [1.0, 0.1, 0.3, 2.0], "p2": [-1.0, 3.0, 0.0, 0.0]}
+
+    def generate(model, tokenizer, batch, *args, num_return_sequences=1):  # reply j of prompt p is "p-j"
+        replies = [f"{p}-{j}" for p in batch for j in range(1, num_return_sequences + 1)]
+        ids = torch.ones(len(replies), 3, dtype=torch.long)  # 3 reply tokens, none of them EOS (0)
+        return common.Samples(ids, ids, ids, ids, [p for p in batch for _ in range(num_return_sequences)], replies)
+
+    class Judges:
+        def score(self, prompts, replies, args):
+            rewards = [proxy[p][int(r.split("-")[1])] for p, r in zip(prompts, replies)]
+            return {
+                "reward": rewards,
+                "gold": [-x for x in rewards],
+                "oracle": ["good" if x > 0.6 else "rude" for x in rewards],
+            }
+
+    monkeypatch.setattr(evaluate_models, "generate_responses", generate)
+    base = {"response": ["p0-0", "p1-0", "p2-0"], "reward": [0.5, 1.0, -1.0], "gold": [-0.5, -1.0, 1.0]}
+    base |= {"oracle": ["rude", "good", "rude"], "length": [7, 8, 9]}
+    args = parse_args(Args, TINY, ["--preset", "tiny", "--best_of_n", "4", "--batch_size", "3"])  # 1 prompt a call
+    out = evaluate_models.best_of_n(None, type("T", (), {"eos_token_id": 0}), list(proxy), base, Judges(), args)
+    assert list(out) == [1, 2, 4]
+    assert out[1] == {**base}
+    assert out[2]["response"] == ["p0-0", "p1-0", "p2-1"]
+    assert out[4]["response"] == ["p0-2", "p1-3", "p2-1"]  # p0: the first of two 0.9s
+    assert out[4]["reward"] == [0.9, 2.0, 3.0] and out[4]["gold"] == [-0.9, -2.0, -3.0]
+    assert out[4]["oracle"] == ["good", "good", "good"] and out[4]["length"] == [3, 3, 3]
+    assert [evaluate_models.best_of_n_kl(n) for n in (1, 2, 4)] == pytest.approx(
+        [0.0, math.log(2) - 0.5, math.log(4) - 0.75]
+    )
+
+
 def test_bootstrap_interval_matches_the_normal_approximation():
     values = np.random.default_rng(0).normal(3.0, 2.0, size=400)
     low, high = bootstrap_ci(values, 4000, seed=0)
@@ -187,11 +223,21 @@ def test_control_characters_escaped_in_the_xlsx_and_kept_in_the_jsonl(tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_end_to_end_tiny(eval_work):
-    """PPO = a copy of base (KL 0, same replies and rewards), GRPO and DPO = perturbed copies."""
+    """PPO = a copy of base (KL 0, same replies and rewards) with two snapshots on its path, GRPO and DPO =
+    perturbed copies; the gold reward model is a copy of the proxy (so gold scores equal proxy scores)."""
     make_policy(eval_work / PPO_DIR, metrics=[cost_record(10, 30.0, 5000, 400.0)])
+    snapshots = eval_work / "runs" / "ppo" / common.SNAPSHOTS_DIR
+    for step, noise in ((3, 0.01), (7, 0.02), (12, 0.03)):  # step 12 is past the final step 10: another run's
+        make_policy(snapshots / f"step-{step}", noise=noise, seed=step)
     make_policy(eval_work / GRPO_BEST_DIR, noise=0.02, seed=1, metrics=[cost_record(10, 60.0, 9000, 450.0)])
     make_policy(eval_work / DPO_DIR, noise=0.03, seed=2)  # no metrics.jsonl: cost left empty, said so
-    proc = run_script("evaluate_models.py", "--preset", "tiny", "--work_dir", eval_work, "--num_prompts", 40)
+    (eval_work / common.GOLD_REWARD_MODEL_DIR).symlink_to((eval_work / REWARD_MODEL_DIR).resolve())
+    try:
+        proc = run_script(
+            "evaluate_models.py", "--preset", "tiny", "--work_dir", eval_work, "--num_prompts", 40, "--best_of_n", 4
+        )
+    finally:
+        (eval_work / common.GOLD_REWARD_MODEL_DIR).unlink()
     assert "evaluating base and ppo, grpo, dpo on 40 test prompts" in proc.stdout
     assert "no training cost" in proc.stdout
     assert "reward_mean" in proc.stdout  # the summary table is printed
@@ -200,14 +246,15 @@ def test_evaluate_end_to_end_tiny(eval_work):
     assert list(sheets) == ["results", "summary"]
     table = sheets["results"]
     assert list(table.columns) == [
-        "prompt", "base_response", "base_reward", "base_oracle",
-        "ppo_response", "ppo_reward", "ppo_kl", "ppo_oracle",
-        "grpo_response", "grpo_reward", "grpo_kl", "grpo_oracle",
-        "dpo_response", "dpo_reward", "dpo_kl", "dpo_oracle",
+        "prompt", "base_response", "base_reward", "base_gold", "base_oracle",
+        "ppo_response", "ppo_reward", "ppo_gold", "ppo_kl", "ppo_oracle",
+        "grpo_response", "grpo_reward", "grpo_gold", "grpo_kl", "grpo_oracle",
+        "dpo_response", "dpo_reward", "dpo_gold", "dpo_kl", "dpo_oracle",
     ]  # fmt: skip
     assert len(table) == 40
     assert list(sheets["summary"].columns) == [
         "model", "reward_mean", "reward_ci_low", "reward_ci_high", "beats_base_share", "kl_mean",
+        "gold_mean", "gold_ci_low", "gold_ci_high",
         "distinct_share", "length_mean", "train_time_s", "train_tokens", "train_peak_mb",
         "oracle_good", "oracle_good_ci_low", "oracle_good_ci_high", "oracle_gain_ci_low", "oracle_gain_ci_high",
         "oracle_off_topic", "oracle_courtesy_only", "oracle_refusal", "oracle_rude", "oracle_harmful",
@@ -241,6 +288,37 @@ def test_evaluate_end_to_end_tiny(eval_work):
     assert [r["dpo_oracle"] for r in records] == list(table["dpo_oracle"])
     assert all(r["dpo_oracle"] == oracle.judge(r["prompt"], r["dpo_response"]) for r in records)
     np.testing.assert_allclose([r["dpo_kl"] for r in records], table["dpo_kl"], rtol=1e-6)
+    # the gold model is the proxy here: the same score for every reply
+    np.testing.assert_allclose(table["dpo_gold"], table["dpo_reward"], atol=1e-6)
+    np.testing.assert_allclose(summary["gold_mean"], summary["reward_mean"], atol=1e-6)
+
+    # the frontier: base, PPO's path (its 2 snapshots before its final step, then the final policy), DPO's final
+    # policy (no metrics.jsonl: no step), best-of-N for N = 1, 2, 4; GRPO has no final folder
+    frontier = pd.read_csv(eval_work / "rlhf_eval_frontier.csv")
+    assert list(frontier.columns) == [
+        "method", "step", "n", "kl", "sqrt_kl", "proxy_mean", "proxy_ci_low", "proxy_ci_high", "gold_mean",
+        "gold_ci_low", "gold_ci_high", "oracle_good", "oracle_good_ci_low", "oracle_good_ci_high",
+        "distinct_share", "length_mean",
+    ]  # fmt: skip
+    assert list(frontier.method) == ["base", "ppo", "ppo", "ppo", "dpo", *["best_of_n"] * 3]
+    assert list(frontier.step.fillna(-1)) == [0, 3, 7, 10, -1, -1, -1, -1]
+    assert list(frontier.n.fillna(-1)) == [-1] * 5 + [1, 2, 4]
+    assert f"{snapshots / 'step-12'} is not before {eval_work / PPO_DIR}'s last step 10" in proc.stdout
+    assert f"{eval_work / common.GRPO_FINAL_DIR} not found: grpo has no path on the frontier" in proc.stdout
+    # the table's own replies are reused: PPO's and DPO's final points are their summary rows; base's and
+    # best-of-1's are base's
+    for position, model in ((3, "ppo"), (4, "dpo"), (0, "base"), (5, "base")):
+        row = frontier.iloc[position]
+        assert row.proxy_mean == pytest.approx(summary.loc[model, "reward_mean"]), position
+        assert row.oracle_good == pytest.approx(summary.loc[model, "oracle_good"]), position
+        assert row.length_mean == pytest.approx(summary.loc[model, "length_mean"]), position
+    bon = frontier[frontier.method == "best_of_n"]
+    assert list(bon.kl) == pytest.approx([0.0, math.log(2) - 0.5, math.log(4) - 0.75])
+    assert bon.proxy_mean.is_monotonic_increasing  # the best of more replies (nested draws) never scores lower
+    np.testing.assert_allclose(frontier.gold_mean, frontier.proxy_mean, atol=1e-6)
+    snapshot_kl = frontier[frontier.method == "ppo"].kl.tolist()
+    assert snapshot_kl[0] > 0.01 and snapshot_kl[1] > snapshot_kl[0] and abs(snapshot_kl[2]) < 1e-4  # final = base
+    assert (eval_work / "rlhf_eval_frontier.png").stat().st_size > 5000
 
 
 @pytest.mark.slow
@@ -283,6 +361,7 @@ def test_more_prompts_than_the_test_split_says_so(eval_work, tmp_path, capsys):
         "4",
         "--batch_size",
         "300",
+        "--no_frontier",
     ]
     main(parse_args(Args, TINY, [*argv, "--bootstrap_samples", "10"]))
     assert f"the test split holds only {n} prompts: evaluating all of them" in capsys.readouterr().out
@@ -319,3 +398,25 @@ def test_missing_data_and_bad_flags_fail_at_start(eval_work, tmp_path):
     with pytest.raises(UserError, match="--max_prompt_length \\+ --max_new_tokens must fit"):
         argv = ["--preset", "tiny", "--work_dir", str(eval_work), "--max_new_tokens", "1000"]
         main(parse_args(Args, TINY, argv))
+
+
+@pytest.mark.slow
+def test_the_tiny_pipeline_leaves_a_frontier_of_every_method_and_best_of_n(tiny_pipeline):
+    """`bash run_pipeline.sh --preset tiny`: the gold reward model, and a frontier with every method's path (its
+    snapshots, then its final policy) and best-of-N for N = 1 ... 16, all scored by proxy, gold and oracle."""
+    gold = json.loads((tiny_pipeline / common.GOLD_REWARD_MODEL_DIR / "eval_results.json").read_text())
+    assert gold["train_split"] == common.GOLD_SPLIT and gold["accuracy"] >= 0.9, gold
+    frontier = pd.read_csv(tiny_pipeline / "rlhf_eval_frontier.csv")
+    for method, folder in (("ppo", PPO_DIR), ("grpo", common.GRPO_FINAL_DIR), ("dpo", DPO_DIR)):
+        steps = frontier[frontier.method == method].step.tolist()
+        last = common.read_metrics(tiny_pipeline / folder / "metrics.jsonl")[-1]["step"]
+        assert len(steps) >= 4 and steps == sorted(steps) and steps[-1] == last, (method, steps)
+    bon = frontier[frontier.method == "best_of_n"]
+    assert bon.n.tolist() == [1, 2, 4, 8, 16] and bon.proxy_mean.is_monotonic_increasing
+    assert frontier[["proxy_mean", "gold_mean", "oracle_good"]].notna().all().all()
+    base, best_of_1 = frontier.iloc[0], bon.iloc[0]  # the same replies: every point is on the same prompts
+    for key in ("proxy_mean", "gold_mean", "oracle_good", "length_mean"):
+        assert base[key] == best_of_1[key], key
+    summary = pd.read_excel(tiny_pipeline / "rlhf_eval_results_with_base.xlsx", sheet_name="summary")
+    assert summary.gold_mean.notna().all()
+    assert (tiny_pipeline / "rlhf_eval_frontier.png").stat().st_size > 10_000

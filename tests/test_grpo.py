@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, pipeline_summary
 
 import GRPO_training as grpo
 from common import (
@@ -23,7 +23,6 @@ from common import (
     TINY_MODEL_DIR,
     UserError,
     load_causal_lm,
-    load_reward_model,
     load_tokenizer,
     parse_args,
     read_metrics,
@@ -224,27 +223,11 @@ STEP_KEYS = [
 ]
 
 
-def compare_with_base(work, folder, num_prompts=150):
-    """Mean reward-model score (with its standard error), distinct share and length on held-out test prompts."""
-    from datasets import load_from_disk
-
-    args = tiny_args(work)
-    prompts = list(load_from_disk(str(work / PROCESSED_DIR))["test"]["prompt"])[:num_prompts]
-    tokenizer = load_tokenizer(args.model)
-    reward_model, reward_tokenizer = load_reward_model(work, "cpu")
-    summaries = {}
-    for name, path in (("base", args.model), ("grpo", folder)):
-        model = load_causal_lm(str(path), tokenizer).eval()
-        result = grpo.sample_and_score(model, tokenizer, reward_model, reward_tokenizer, prompts, args, seed=1234)
-        summaries[name] = grpo.summarize(result["scores"], result["replies"], result["lengths"])
-    return summaries
-
-
 @pytest.mark.slow
-def test_tiny_run_writes_both_folders_and_beats_the_base_model(work):
-    from conftest import evaluate_against_base, run_script
-
-    run_script("GRPO_training.py", "--preset", "tiny", "--work_dir", work)
+def test_tiny_run_writes_both_folders_and_beats_the_base_model(tiny_pipeline):
+    """The tiny preset as the pipeline runs it: both folders, the best checkpoint by GRPO's own evaluation, then
+    the best policy against base on 150 held-out test prompts (evaluate_models.py, the folder reloaded)."""
+    work = tiny_pipeline
     for name in (GRPO_BEST_DIR, GRPO_FINAL_DIR):
         folder = work / name
         for file in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "grpo_curves.png"):
@@ -258,18 +241,16 @@ def test_tiny_run_writes_both_folders_and_beats_the_base_model(work):
     best = max(evals, key=lambda r: r["eval/reward"])
     best_json = json.loads((work / GRPO_BEST_DIR / "best.json").read_text())
     assert (best_json["step"], best_json["eval/reward"]) == (best["step"], best["eval/reward"])
+    assert evals[0]["step"] == 0 and best["eval/reward"] > evals[0]["eval/reward"]  # step 0 is the base model
 
-    summary = compare_with_base(work, work / GRPO_BEST_DIR)
-    print(json.dumps(summary, indent=1))
-    base, tuned = summary["base"], summary["grpo"]
-    assert tuned["reward"] - base["reward"] > 3 * math.hypot(base["reward_se"], tuned["reward_se"])
-    assert tuned["distinct_share"] >= 0.5
-    assert tuned["length"] >= 0.5 * base["length"]
-
+    summary = pipeline_summary(work)
+    base, tuned = summary.loc["base"], summary.loc["grpo"]
+    se = [(row.reward_ci_high - row.reward_ci_low) / 3.92 for row in (base, tuned)]  # 95% interval: +- 1.96 SE
+    assert tuned.reward_mean - base.reward_mean > 3 * math.hypot(*se), summary.T
+    assert tuned.length_mean >= 0.5 * base.length_mean
     # the truth, not the proxy: more real answers than base (the tiny oracle), by a margin its 95% interval clears
-    summary = evaluate_against_base(work)
-    assert summary.loc["grpo", "oracle_gain_ci_low"] > 0, summary.T
-    assert summary.loc["grpo", "distinct_share"] >= 0.9
+    assert tuned.oracle_gain_ci_low > 0, summary.T
+    assert tuned.distinct_share >= 0.9
 
 
 def free_port():

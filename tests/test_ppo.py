@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, evaluate_against_base, run_script
+from conftest import REPO, pipeline_summary
 
 import PPO_training as ppo
 from common import (
@@ -267,9 +267,10 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(work, monke
 
 
 @pytest.mark.slow
-def test_tiny_run_writes_its_folder_and_beats_the_base_model(work):
-    """The tiny preset as the pipeline runs it, then the saved policy against base on 150 held-out test prompts."""
-    run_script("PPO_training.py", "--preset", "tiny", "--work_dir", work)
+def test_tiny_run_writes_its_folder_and_beats_the_base_model(tiny_pipeline):
+    """The tiny preset as the pipeline runs it: the saved folder, then the policy against base on 150 held-out
+    test prompts, by PPO's own final evaluation and by evaluate_models.py's (the folder reloaded)."""
+    work = tiny_pipeline
     folder = work / PPO_DIR
     for name in ("config.json", "model.safetensors", "tokenizer.json", ppo.VALUE_HEAD_FILE, "ppo_curves.png"):
         assert (folder / name).is_file(), name
@@ -286,29 +287,20 @@ def test_tiny_run_writes_its_folder_and_beats_the_base_model(work):
     torch.testing.assert_close(head.weight, checkpoint["value_head.weight"])
     assert head.weight.abs().sum() > 0
 
-    # the saved folder, reloaded, against the base model (the check of the issue), independently of the run
-    args = tiny_args(work)
-    prompts = list(load_processed_data(args)["test"].shuffle(seed=args.seed)["prompt"])[:150]
-    tokenizer = load_tokenizer(args.model)
-    base = load_causal_lm(args.model, tokenizer).eval()
-    tuned = load_causal_lm(str(folder), tokenizer).eval()
-    reward_model, rm_tokenizer = load_reward_model(work, "cpu")
-    torch.manual_seed(1234)
-    results = {
-        name: ppo.evaluate(model, base, tokenizer, reward_model, rm_tokenizer, prompts, args)
-        for name, model in (("base", base), ("ppo", tuned))
-    }
-    print(json.dumps(results, indent=1))
+    # PPO's final evaluation: the trained policy against base on evaluate_models.py's 150 test prompts
+    results = json.loads((folder / "eval_results.json").read_text())
     base, tuned = results["base"], results["ppo"]
-    assert tuned["score"] - base["score"] > 3 * math.hypot(base["score_se"], tuned["score_se"])
+    assert results["prompts"] == base["n"] == tuned["n"] == 150
+    assert tuned["score"] - base["score"] > 3 * math.hypot(base["score_se"], tuned["score_se"]), results
     assert math.isfinite(tuned["kl"]) and tuned["kl"] > 0
     assert tuned["distinct_share"] >= 0.5
     assert tuned["length"] >= 0.5 * base["length"]
 
     # the truth, not the proxy: more real answers than base (the tiny oracle), by a margin its 95% interval clears
-    summary = evaluate_against_base(work)
+    summary = pipeline_summary(work)
     assert summary.loc["ppo", "oracle_gain_ci_low"] > 0, summary.T
     assert summary.loc["ppo", "distinct_share"] >= 0.9
+    assert summary.loc["ppo", "reward_mean"] == pytest.approx(tuned["score"], abs=0.5)  # the same prompts
 
 
 def free_port():

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -325,6 +326,49 @@ def test_missing_processed_data_names_the_command_to_run(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert f"python data_process.py --preset tiny --work_dir {tmp_path}" in lines[0]
+
+
+def work_dir_with_gold_pairs(tmp_path, tiny_data_dir, rows):
+    """A work dir with the session's processed data, its gold_train split cut to `rows` pairs (None: no split)."""
+    from datasets import load_from_disk
+
+    data = load_from_disk(str(tiny_data_dir / common.PROCESSED_DIR))
+    if rows is None:
+        del data[common.GOLD_SPLIT]
+    else:
+        data[common.GOLD_SPLIT] = data[common.GOLD_SPLIT].select(range(rows))
+    work = tmp_path / "work"
+    data.save_to_disk(str(work / common.PROCESSED_DIR))
+    shutil.copy(tiny_data_dir / common.PROCESSED_DIR / "stats.json", work / common.PROCESSED_DIR / "stats.json")
+    return work
+
+
+def test_the_gold_reward_model_trains_on_gold_train_alone_into_its_own_folder(tmp_path, tiny_data_dir):
+    work = work_dir_with_gold_pairs(tmp_path, tiny_data_dir, rows=64)
+    run_script(
+        "reward_model_training.py", "--preset", "tiny", "--work_dir", work, "--train_split", common.GOLD_SPLIT,
+        "--max_steps", 2, "--logging_steps", 1, "--save_steps", 2, "--eval_steps", 1000, "--max_eval_samples", 64,
+    )  # fmt: skip
+    gold = work / common.GOLD_REWARD_MODEL_DIR
+    results = json.loads((gold / "eval_results.json").read_text())
+    assert results["train_split"] == common.GOLD_SPLIT and results["n"] == 64 and 0 <= results["accuracy"] <= 1
+    assert (gold / "gold_reward_model_curves.png").is_file() and (gold / "model.safetensors").is_file()
+    assert not (work / common.REWARD_MODEL_DIR).exists()  # the proxy's folder is not touched
+    records = common.read_metrics(work / "runs" / "gold_reward_model" / "metrics.jsonl")
+    # 2 steps of 32 pairs on the 64 gold pairs are one epoch; on the 2,000-odd train pairs they would be 3%
+    assert [r["train/epoch"] for r in records if "train/epoch" in r][-1] == pytest.approx(1.0)
+
+
+def test_a_gold_reward_model_without_gold_pairs_is_one_line_with_the_rebuild_command(tmp_path, tiny_data_dir):
+    work = work_dir_with_gold_pairs(tmp_path, tiny_data_dir, rows=None)
+    proc = run_script(
+        "reward_model_training.py", "--preset", "tiny", "--work_dir", work, "--train_split", common.GOLD_SPLIT,
+        check=False,
+    )  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert "has no gold_train split" in lines[0]
+    assert f"python data_process.py --preset tiny --work_dir {work} --gold_share 0.5" in lines[0]
 
 
 @pytest.mark.slow

@@ -28,12 +28,14 @@ def stage_lines(proc):
 
 def test_flags_go_to_every_stage_and_dotted_ones_to_one(tmp_path):
     proc = pipeline(
-        "--preset", "tiny", "--work_dir", tmp_path, "--ppo.total_steps", 5, "--dpo.max_steps=3", "--seed", 1
-    )
+        "--preset", "tiny", "--work_dir", tmp_path, "--ppo.total_steps", 5, "--dpo.max_steps=3", "--seed", 1,
+        "--jobs", 1, "--gold.max_steps", 7,
+    )  # fmt: skip
     common = f"--preset tiny --work_dir {tmp_path}"
     assert stage_lines(proc) == [
         f"data_process.py {common} --seed 1",
         f"reward_model_training.py {common} --seed 1",
+        f"reward_model_training.py {common} --seed 1 --train_split gold_train --max_steps 7",
         f"PPO_training.py {common} --seed 1 --total_steps 5",
         f"GRPO_training.py {common} --seed 1",
         f"DPO_training.py {common} --seed 1 --max_steps=3",
@@ -52,7 +54,8 @@ def test_from_and_only_pick_the_stages(tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--only", "sft"], "--only: unknown stage 'sft' (stages: data reward ppo grpo dpo eval)"),
+        (["--only", "sft"], "--only: unknown stage 'sft' (stages: data reward gold ppo grpo dpo eval)"),
+        (["--jobs", "0"], "--jobs needs a positive number of stages, got '0'"),
         (["--from"], "--from needs a stage"),
         (["--rm.max_steps", "2"], "--rm.max_steps: unknown stage 'rm'"),
     ],
@@ -122,15 +125,66 @@ def test_a_reward_model_run_prints_what_a_person_needs_not_library_noise(tiny_da
     assert "with a new score head" in proc.stdout and "step 2: validation accuracy" in output
 
 
-def test_into_a_log_file_bars_redraw_every_30_s_and_tiny_runs_one_thread(tmp_path):
+def fake_python(tmp_path, body):
+    """A `python` for run_pipeline.sh that runs the shell `body` instead of the script ($1) it is given."""
     fake = tmp_path / "python"
-    fake.write_text('#!/bin/sh\necho "$1 TQDM_MININTERVAL=$TQDM_MININTERVAL OMP_NUM_THREADS=$OMP_NUM_THREADS"\n')
+    fake.write_text(f"#!/bin/sh\n{body}\n")
     fake.chmod(0o755)
+    return fake
+
+
+def run_pipeline(*argv, python):
     env = {k: v for k, v in os.environ.items() if k not in ("TQDM_MININTERVAL", "OMP_NUM_THREADS")}
-    proc = subprocess.run(
-        ["bash", str(REPO / "run_pipeline.sh"), "--preset", "tiny", "--only", "data"],
+    return subprocess.run(
+        ["bash", str(REPO / "run_pipeline.sh"), *map(str, argv)],
         capture_output=True,
         text=True,
-        env={**env, "PYTHON": str(fake)},  # stdout and stderr are pipes here, as in a log file
+        env={**env, "PYTHON": str(python)},  # stdout and stderr are pipes here, as in a log file
+        timeout=120,
     )
+
+
+def test_into_a_log_file_bars_redraw_every_30_s_and_tiny_runs_one_thread_per_stage(tmp_path):
+    fake = fake_python(tmp_path, 'echo "$1 TQDM_MININTERVAL=$TQDM_MININTERVAL OMP_NUM_THREADS=$OMP_NUM_THREADS"')
+    argv = ["--preset", "tiny", "--work_dir", tmp_path / "w", "--only"]
+    # a stage alone has the second core too; a stage beside another one thread
+    proc = run_pipeline(*argv, "data", "--jobs", 2, python=fake)
+    assert stage_lines(proc) == ["data_process.py TQDM_MININTERVAL=30 OMP_NUM_THREADS=2"]
+    proc = run_pipeline(*argv, "data", "--jobs", 1, python=fake)
     assert stage_lines(proc) == ["data_process.py TQDM_MININTERVAL=30 OMP_NUM_THREADS=1"]
+
+
+def test_with_two_jobs_stages_run_beside_each_other_once_what_they_read_is_done(tmp_path):
+    work = tmp_path / "w"
+    (work / "processed_data" / "gold_train").mkdir(parents=True)
+    events = tmp_path / "events"
+    body = f'echo "start $1 $*" >> {events}; sleep 0.5; echo "$1 says OMP_NUM_THREADS=$OMP_NUM_THREADS"; echo "end $1 $*" >> {events}'
+    proc = run_pipeline("--preset", "tiny", "--work_dir", work, "--jobs", 2, python=fake_python(tmp_path, body))
+    assert proc.returncode == 0, proc.stderr
+    order = [
+        " ".join(line.split()[:2]) + (" gold" if "gold_train" in line else "")
+        for line in events.read_text().splitlines()
+    ]
+    position = {event: i for i, event in enumerate(order)}
+    # reward and gold (both need only the data) overlap; PPO and GRPO start after the reward model ends
+    assert position["start reward_model_training.py gold"] < position["end reward_model_training.py"]
+    assert position["start reward_model_training.py"] < position["end reward_model_training.py gold"]
+    for script in ("PPO_training.py", "GRPO_training.py"):
+        assert position[f"start {script}"] > position["end reward_model_training.py"]
+    assert position["start evaluate_models.py"] == len(order) - 2  # last, after everything else has ended
+    for stage in ("reward", "gold", "ppo", "grpo", "dpo"):  # side by side: each into its log, one thread each
+        assert "says OMP_NUM_THREADS=1" in (work / "logs" / f"{stage}.log").read_text()
+    assert "evaluate_models.py says OMP_NUM_THREADS=2" in proc.stdout  # alone, in the foreground
+    assert "== pipeline done in" in proc.stdout
+
+
+def test_a_stage_failing_beside_another_stops_the_pipeline_with_its_log(tmp_path):
+    work = tmp_path / "w"
+    work.mkdir()
+    body = 'case "$1" in PPO_training.py) echo "error: the PPO run broke"; exit 3;; *) sleep 0.3;; esac'
+    proc = run_pipeline("--preset", "tiny", "--work_dir", work, "--jobs", 2, python=fake_python(tmp_path, body))
+    assert proc.returncode == 3
+    assert "error: the PPO run broke" in proc.stderr
+    assert f"run_pipeline.sh: ppo (PPO_training.py) failed with status 3: its log is {work}/logs/ppo.log" in proc.stderr
+    assert "evaluate_models.py" not in proc.stdout and "pipeline done" not in proc.stdout
+    assert "gold: skipped" in proc.stdout  # no gold_train split in processed_data
