@@ -10,7 +10,9 @@ for the rejected reply (eq. 7),
 
 each log-prob summed over the reply's tokens only (prompt and padding masked). Writes
 the policy and its tokenizer to `dpo_rlhf_model/` (with `metrics.jsonl`, the curves PNG
-and `args.json`); while training, state lives in `runs/dpo/` (`--resume` continues).
+and `args.json`); while training, state lives in `runs/dpo/` (`--resume` continues), with
+`--snapshot_every N` (tiny: 10) a policy-only snapshot every N steps in `runs/dpo/snapshots/step-N/`
+for evaluate_models.py's reward-KL frontier.
 
     python DPO_training.py                                        # gpt2, seed settings (GPU)
     accelerate launch --num_processes 4 DPO_training.py           # data-parallel on 4 GPUs, batch x 4

@@ -21,7 +21,9 @@ advantage is how much better the reward model scored it than its group's mean. P
    H = the mean per-token entropy averaged the same way;
 6. every `eval_every` steps, the mean reward on a fixed set of held-out validation prompts, sampled
    as in training under a fixed seed (every evaluation sees the same prompts and the same noise); the
-   best-scoring policy is written to `grpo_best/` at the end, the final one to `grpo_rlhf_model/`.
+   best-scoring policy is written to `grpo_best/` at the end, the final one to `grpo_rlhf_model/`;
+   with `--snapshot_every N` (tiny: 8) a policy-only snapshot every N steps goes to
+   `runs/grpo/snapshots/step-N/`, the points of evaluate_models.py's reward-KL frontier.
 
     python GRPO_training.py                                   # gpt2, after reward_model_training.py
     python GRPO_training.py --preset tiny --work_dir runs/tiny

@@ -33,7 +33,9 @@ Writes `ppo_rlhf_model/` (policy, tokenizer, `value_head.safetensors`, `metrics.
 `ppo_curves.png`, `args.json`, `eval_results.json`: score, KL, distinct share and length
 of one sample per held-out test prompt, for the policy and the base model, sampled with
 `eval_top_p` = 1.0 as evaluate_models.py does). While it
-trains, `runs/ppo/` holds `checkpoint.pt` (every `save_every` steps) for `--resume`.
+trains, `runs/ppo/` holds `checkpoint.pt` (every `save_every` steps) for `--resume`, and with
+`--snapshot_every N` (tiny: 5) a policy-only snapshot every N steps in `runs/ppo/snapshots/step-N/`,
+the points of evaluate_models.py's reward-KL frontier.
 
 Deliberate choices and departures:
 * `rollout_batch_size` is per process (the global batch is it times the process count).

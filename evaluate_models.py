@@ -20,13 +20,26 @@ KV-cached, `top_k=0`, stopped at EOS). Then, per model:
    incoherent, empty); the summary gives each model's `oracle_good` share with a 95%
    bootstrap interval, the interval of its gain over base (paired by prompt) and the
    share of every other label. A reward model that scores word salad like an answer
-   shows up here as a high reward and a low `oracle_good`.
+   shows up here as a high reward and a low `oracle_good`;
+5. where `final_gold_reward_model/` exists (a reward model trained on pairs no policy saw:
+   `data_process.py --gold_share`, `reward_model_training.py --train_split gold_train`),
+   its score of every reply too (`gold_mean` with its interval);
+6. the frontier (Gao et al. 2022; Stiennon et al. 2020), unless `--no_frontier`: the
+   same measures for every policy snapshot the trainers kept (`runs/<method>/snapshots/`,
+   `--snapshot_every`) and each method's final policy (GRPO's path ends in
+   `grpo_rlhf_model/`), and for best-of-N sampling from base, N = 1, 2, 4, ... up to
+   `--best_of_n` (the proxy picks one of N base replies; the first of the N is base's own
+   reply, so N = 1 is base; its KL to base is the analytic log N - (N - 1)/N). A model of
+   the table is not sampled twice: its replies are reused.
 
 Writes into `--work_dir`: `rlhf_eval_results_with_base.xlsx` (sheet `results`: one row
 per prompt; sheet `summary`), `rlhf_eval_responses.jsonl` (the raw text, lossless),
-`rlhf_eval_rewards_boxplot.png`, `rlhf_eval_reward_vs_kl.png` and `rlhf_eval_cost.png`
-(mean reward against training time and tokens). A policy folder that is missing is
-reported and its columns left out.
+`rlhf_eval_rewards_boxplot.png`, `rlhf_eval_reward_vs_kl.png`, `rlhf_eval_cost.png`
+(mean reward against training time and tokens), and the frontier's
+`rlhf_eval_frontier.csv` (method, step or N, proxy and gold reward and the oracle's good
+share with 95% intervals, KL, distinct share, length) and `rlhf_eval_frontier.png` (each
+judge against sqrt(KL), one line per method, best-of-N as the reference curve). A policy
+folder that is missing is reported and its columns left out.
 
     python evaluate_models.py                                   # after the gpt2 pipeline
     python evaluate_models.py --preset tiny --work_dir runs/demo
@@ -228,7 +241,7 @@ def best_of_n(base, tokenizer, prompts, base_out, scorers, args):
     results = {}
     for n in (2**k for k in range(args.best_of_n.bit_length())):
         picks = [int(np.argmax(rewards[:n])) for rewards in draws["reward"]]  # the first of equal scores
-        results[n] = {key: [d[p] for d, p in zip(values, picks)] if values[0] else [] for key, values in draws.items()}
+        results[n] = {key: [d[p] for d, p in zip(values, picks)] if values else [] for key, values in draws.items()}
     return results
 
 

@@ -71,6 +71,26 @@ def same_records(a, b):
     return strip(read_metrics(a)) == strip(read_metrics(b))
 
 
+def snapshot_weights(run_dir):
+    """{step: {name: tensor}} of the policy snapshots in a run folder (runs/<name>/snapshots/step-N/)."""
+    from safetensors.torch import load_file
+
+    from common import snapshots
+
+    return {step: load_file(folder / "model.safetensors") for step, folder in snapshots(run_dir)}
+
+
+def assert_same_snapshots(run_dir, reference_dir, steps, **tolerance):
+    """Both runs hold snapshots at exactly `steps`, with the same weights."""
+    import torch
+
+    ours, reference = snapshot_weights(run_dir), snapshot_weights(reference_dir)
+    assert list(ours) == list(reference) == list(steps), (list(ours), list(reference))
+    for step, tensors in reference.items():
+        for name, tensor in tensors.items():
+            torch.testing.assert_close(ours[step][name], tensor, msg=f"step {step}: {name}", **tolerance)
+
+
 def dead_pid():
     """The id of a process that has just ended (what a killed run's leftovers are named after)."""
     proc = subprocess.Popen(["true"])
@@ -136,7 +156,8 @@ def tiny_pipeline(tiny_reward_dir, tmp_path_factory):
         capture_output=True,
         text=True,
         timeout=1500,
-        env={**SCRIPT_ENV, "PYTHON": sys.executable},
+        # threads as the runner sets them for the tiny preset (one per stage beside another, two for one alone)
+        env={**{k: v for k, v in SCRIPT_ENV.items() if k != "OMP_NUM_THREADS"}, "PYTHON": sys.executable},
     )
     (work / "pipeline.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, (

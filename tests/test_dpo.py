@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, pipeline_output, pipeline_summary
+from conftest import REPO, assert_same_snapshots, pipeline_output, pipeline_summary
 from safetensors.torch import load_file
 
 import common
@@ -214,6 +214,7 @@ def linked_work_dir(path, tiny_data_dir):
 @pytest.mark.slow
 def test_nan_stops_keeping_the_last_checkpoint_and_resume_continues_exactly(tiny_data_dir, tmp_path, monkeypatch):
     argv = (*SHORT, "--max_steps", 4, "--save_every", 2, "--eval_steps", 0, "--learning_rate", 1e-3)
+    argv += ("--snapshot_every", 1)
     straight_dir = linked_work_dir(tmp_path / "straight", tiny_data_dir)
     broken_dir = linked_work_dir(tmp_path / "broken", tiny_data_dir)
     straight = weights(dpo.main(tiny_args(straight_dir, *argv)))
@@ -238,6 +239,8 @@ def test_nan_stops_keeping_the_last_checkpoint_and_resume_continues_exactly(tiny
     assert steps == [r["step"] for r in common.read_metrics(straight_dir / "runs/dpo/metrics.jsonl")] == [4]
     saved = load_file(broken_dir / common.DPO_DIR / "model.safetensors")
     assert all(torch.equal(saved[k], resumed[k]) for k in saved)
+    # the policy snapshots: step 3's, lost with the NaN, written again by the resumed run
+    assert_same_snapshots(broken_dir / "runs/dpo", straight_dir / "runs/dpo", [1, 2, 3], rtol=0, atol=1e-6)
 
 
 @pytest.mark.slow

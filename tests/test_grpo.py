@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, pipeline_summary
+from conftest import REPO, assert_same_snapshots, pipeline_summary
 
 import GRPO_training as grpo
 from common import (
@@ -188,11 +188,14 @@ def test_resume_continues_exactly_where_the_run_stopped(work, tmp_path_factory):
     straight = tmp_path_factory.mktemp("straight")
     for name in (PROCESSED_DIR, REWARD_MODEL_DIR):
         (straight / name).symlink_to(work / name)
-    grpo.main(tiny_args(straight, "--total_steps", 4, *QUICK))
-    grpo.main(tiny_args(work, "--total_steps", 2, *QUICK))
+    quick = [*QUICK, "--snapshot_every", 1]
+    grpo.main(tiny_args(straight, "--total_steps", 4, *quick))
+    grpo.main(tiny_args(work, "--total_steps", 2, *quick))
     with pytest.raises(UserError, match="at step 2 > --total_steps"):
-        grpo.main(tiny_args(work, "--total_steps", 1, "--resume", *QUICK))
-    grpo.main(tiny_args(work, "--total_steps", 4, "--resume", *QUICK))
+        grpo.main(tiny_args(work, "--total_steps", 1, "--resume", *quick))
+    grpo.main(tiny_args(work, "--total_steps", 4, "--resume", *quick))
+    # the policy snapshots too: step 2's (the 2-step run's final model, not a snapshot) from the checkpoint
+    assert_same_snapshots(work / "runs" / "grpo", straight / "runs" / "grpo", [1, 2, 3], rtol=0, atol=0)
 
     resumed, reference = weights(work / GRPO_FINAL_DIR), weights(straight / GRPO_FINAL_DIR)
     for name in reference:

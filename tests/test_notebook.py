@@ -207,12 +207,37 @@ def execute_notebook(work, monkeypatch, **env):
 def test_notebook_without_api_key_skips_the_judge(eval_outputs, tmp_path, monkeypatch):
     work = tmp_path / "w"
     shutil.copytree(eval_outputs, work, symlinks=True)
+    assert (work / "rlhf_eval_frontier.csv").is_file()  # the evaluation wrote one; the section reads this one:
+    # along PPO's path the proxy keeps rising while the oracle falls past step 10 (they part ways); along
+    # DPO's the oracle rises to the end; best-of-N peaks at N = 2 on both
+    (work / "rlhf_eval_frontier.csv").unlink()
+    pd.DataFrame(
+        [
+            ("base", 0, None, 0.0, 0.5, 0.4, 0.6, 0.60, 0.55, 0.65),
+            ("ppo", 10, None, 1.0, 1.0, 0.9, 1.1, 0.80, 0.75, 0.85),
+            ("ppo", 20, None, 4.0, 1.5, 1.4, 1.6, 0.50, 0.45, 0.55),
+            ("dpo", 10, None, 1.0, 1.0, 0.9, 1.1, 0.70, 0.65, 0.75),
+            ("dpo", 20, None, 2.0, 1.2, 1.1, 1.3, 0.72, 0.67, 0.77),
+            ("best_of_n", None, 1, 0.0, 0.5, 0.4, 0.6, 0.60, 0.55, 0.65),
+            ("best_of_n", None, 2, 0.19, 0.9, 0.8, 1.0, 0.70, 0.65, 0.75),
+        ],
+        columns=["method", "step", "n", "kl", "proxy_mean", "proxy_ci_low", "proxy_ci_high", "oracle_good",
+                 "oracle_good_ci_low", "oracle_good_ci_high"],
+    ).assign(sqrt_kl=lambda f: f.kl**0.5, distinct_share=1.0, length_mean=30.0).to_csv(
+        work / "rlhf_eval_frontier.csv", index=False
+    )  # fmt: skip
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     text = execute_notebook(work, monkeypatch)
     assert "OPENAI_API_KEY is not set: the LLM-judge section is skipped" in text
     assert "policies evaluated: ppo, dpo" in text
     assert "ppo: is not distinguishable from base by the reward model (gain +0.000" in text
-    for name in ("reward_distributions", "reward_vs_kl", "cost_vs_quality"):
+    assert (
+        "ppo: the proxy peaks at step 20 (KL 4.00); the oracle at step 10 (KL 1.00), then falls to 0.50 while the "
+        "proxy holds or rises: proxy and oracle part ways." in text
+    )
+    assert "dpo: the proxy peaks at step 20 (KL 2.00); the oracle at step 20 (KL 2.00)." in text
+    assert "best-of-n: the proxy peaks at N = 2 (KL 0.19); the oracle at N = 2 (KL 0.19)." in text
+    for name in ("reward_distributions", "reward_vs_kl", "cost_vs_quality", "frontier"):
         assert (work / f"analysis_{name}.png").stat().st_size > 5000
     assert not (work / "gpt4_judgements.json").exists()
 

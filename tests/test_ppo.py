@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, pipeline_summary
+from conftest import REPO, assert_same_snapshots, pipeline_summary
 
 import PPO_training as ppo
 from common import (
@@ -228,11 +228,14 @@ def test_resume_continues_exactly_where_the_run_stopped(work, tmp_path_factory):
     straight = tmp_path_factory.mktemp("straight")
     for name in (PROCESSED_DIR, REWARD_MODEL_DIR):
         (straight / name).symlink_to(work / name)
-    ppo.main(tiny_args(straight, "--total_steps", 4, *QUICK))
-    ppo.main(tiny_args(work, "--total_steps", 2, *QUICK))
+    quick = [*QUICK, "--snapshot_every", 1]
+    ppo.main(tiny_args(straight, "--total_steps", 4, *quick))
+    ppo.main(tiny_args(work, "--total_steps", 2, *quick))
     with pytest.raises(UserError, match="at step 2 > --total_steps 1"):
-        ppo.main(tiny_args(work, "--total_steps", 1, "--resume", *QUICK))
-    ppo.main(tiny_args(work, "--total_steps", 4, "--resume", *QUICK))
+        ppo.main(tiny_args(work, "--total_steps", 1, "--resume", *quick))
+    ppo.main(tiny_args(work, "--total_steps", 4, "--resume", *quick))
+    # the policy snapshots too: step 2's (the 2-step run's final model, not a snapshot) from the checkpoint
+    assert_same_snapshots(work / "runs" / "ppo", straight / "runs" / "ppo", [1, 2, 3], rtol=0, atol=0)
 
     resumed, reference = weights(work / PPO_DIR), weights(straight / PPO_DIR)
     for name in reference:

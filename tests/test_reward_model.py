@@ -344,14 +344,21 @@ def work_dir_with_gold_pairs(tmp_path, tiny_data_dir, rows):
 
 
 def test_the_gold_reward_model_trains_on_gold_train_alone_into_its_own_folder(tmp_path, tiny_data_dir):
+    """Its own split, folders and results; its --model may be another base with the data's tokenizer (here a
+    copy of the tiny model standing for gpt2-medium), which the proxy reward model refuses."""
     work = work_dir_with_gold_pairs(tmp_path, tiny_data_dir, rows=64)
+    larger = shutil.copytree(common.TINY_MODEL_DIR, tmp_path / "larger")
+    argv = ["--preset", "tiny", "--work_dir", work, "--model", larger]
+    proc = run_script("reward_model_training.py", *argv, check=False)
+    assert proc.returncode == 1 and f"was tokenized for base model {str(common.TINY_MODEL_DIR)!r}" in proc.stderr
     run_script(
-        "reward_model_training.py", "--preset", "tiny", "--work_dir", work, "--train_split", common.GOLD_SPLIT,
+        "reward_model_training.py", *argv, "--train_split", common.GOLD_SPLIT,
         "--max_steps", 2, "--logging_steps", 1, "--save_steps", 2, "--eval_steps", 1000, "--max_eval_samples", 64,
     )  # fmt: skip
     gold = work / common.GOLD_REWARD_MODEL_DIR
     results = json.loads((gold / "eval_results.json").read_text())
     assert results["train_split"] == common.GOLD_SPLIT and results["n"] == 64 and 0 <= results["accuracy"] <= 1
+    assert results["base_model"] == str(larger)
     assert (gold / "gold_reward_model_curves.png").is_file() and (gold / "model.safetensors").is_file()
     assert not (work / common.REWARD_MODEL_DIR).exists()  # the proxy's folder is not touched
     records = common.read_metrics(work / "runs" / "gold_reward_model" / "metrics.jsonl")
