@@ -152,7 +152,10 @@ class Args(CommonArgs):
 # base's 0.58); beta starts at 0.2, as the tiny reward model cannot tell a splice or a repeat from an answer
 # (see README, "Known limits"); and rollouts sample the full distribution (top_p 1.0, as the evaluation
 # does): at 0.9 the tail the rollouts never visit grew unchecked, and the evaluation's samples from it
-# were salad (oracle share 0.45 against 0.71 at 1.0, the same seed).
+# were salad (oracle share 0.45 against 0.71 at 1.0, the same seed). The entropy term weighs 0.3, not 0.1:
+# with the reward model trained on batches of similar lengths, at 0.1 the per-token entropy climbed to 0.4 in
+# bursts, the per-reply KL to 12 nats, and the oracle's share of real answers stayed at base's 0.58 (35% salad);
+# at 0.3 it is 0.69 at KL 2.4 (beta 0.4 instead: KL 36, share 0.44; learning rate 1e-4 for 30 steps: 0.69).
 TINY = dict(
     total_steps=20,
     rollout_batch_size=32,
@@ -160,6 +163,7 @@ TINY = dict(
     learning_rate=2e-4,
     kl_coef=0.2,
     kl_horizon=1000,
+    entropy_coef=0.3,
     target_entropy=0.3,
     top_p=1.0,
     reward_max_length=256,
