@@ -67,6 +67,7 @@ from tqdm import tqdm
 from common import (
     DPO_DIR,
     GOLD_REWARD_MODEL_DIR,
+    GOLD_SPLIT,
     GRPO_BEST_DIR,
     GRPO_FINAL_DIR,
     PPO_DIR,
@@ -355,11 +356,13 @@ def frontier(work_dir, base, tokenizer, prompts, results, scorers, load_policy, 
         if not (final / "config.json").is_file():
             print(f"{final} not found: {method} has no path on the frontier")
             continue
-        final_step = last_step(final)
+        final_step, saved_at = last_step(final), (final / "config.json").stat().st_mtime
         points = []
         for step, folder in snapshots(work_dir / "runs" / run_name):
-            if final_step is not None and step >= final_step:
-                print(f"{folder} is not before {final}'s last step {final_step}: an earlier run's, left out")
+            # a run writes its snapshots before its final folder: one at or past its last step, or written
+            # after it, is another run's
+            if (final_step is not None and step >= final_step) or (folder / "config.json").stat().st_mtime > saved_at:
+                print(f"{folder} is not from the run that wrote {final} (its last step {final_step}): left out")
                 continue
             points.append((step, evaluate_model(f"{method} step {step}", load_policy(folder), base, tokenizer,
                                                 prompts, scorers, args)))  # fmt: skip
@@ -560,7 +563,8 @@ def main(args):
     set_seed(args.seed)
 
     # data: a seeded sample of the test split, kept in split order
-    test = load_processed_data(args)["test"]
+    data = load_processed_data(args)
+    test = data["test"]
     if len(test) < args.num_prompts:
         print(
             f"the test split holds only {len(test)} prompts: evaluating all of them (--num_prompts {args.num_prompts})"
@@ -588,7 +592,12 @@ def main(args):
             print(f"{work_dir / folder} not found: {name} is left out of the evaluation")
 
     gold = None
-    if (work_dir / GOLD_REWARD_MODEL_DIR / "config.json").is_file():
+    if (work_dir / GOLD_REWARD_MODEL_DIR / "config.json").is_file() and GOLD_SPLIT not in data:
+        print(
+            f"{work_dir / GOLD_REWARD_MODEL_DIR} is left out: processed_data/ has no {GOLD_SPLIT} split any more "
+            "(rebuilt without --gold_share), so the pairs it was trained on may be the policies' own"
+        )
+    elif (work_dir / GOLD_REWARD_MODEL_DIR / "config.json").is_file():
         gold = load_reward_model(work_dir, device, args, gold=True)
         print(f"{work_dir / GOLD_REWARD_MODEL_DIR}: the held-out gold reward model scores every reply too")
     oracle = load_oracle(work_dir)

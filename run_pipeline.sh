@@ -54,10 +54,14 @@ while (($#)); do
   shift
   case $word in
     -h | --help) usage && exit 0 ;;
-    --jobs)
-      [[ ${1:-} =~ ^[1-9][0-9]*$ ]] || die "--jobs needs a positive number of stages, got '${1:-}'"
-      jobs=$1
-      shift
+    --jobs | --jobs=*)
+      if [[ $word == --jobs ]]; then
+        jobs=${1:-}
+        (($#)) && shift
+      else
+        jobs=${word#--jobs=}
+      fi
+      [[ $jobs =~ ^[1-9][0-9]*$ ]] || die "--jobs needs a positive number of stages, got '$jobs'"
       continue
       ;;
     --from | --only)
@@ -97,8 +101,9 @@ mkdir -p "$work_dir"
 # data, the evaluation) gets every job's core: the evaluation's wide batches run 1.5x faster on two.
 alone_threads=
 if [[ " ${common[*]} " == *" --preset tiny "* || " ${common[*]} " == *" --preset=tiny "* ]]; then
-  [[ -n $jobs ]] || jobs=$(($(OMP_NUM_THREADS='' nproc) >= 2 ? 2 : 1)) # nproc counts OMP_NUM_THREADS
-  [[ -n ${OMP_NUM_THREADS:-} ]] || alone_threads=$jobs
+  cores=$(OMP_NUM_THREADS='' nproc) # nproc counts OMP_NUM_THREADS
+  [[ -n $jobs ]] || jobs=$((cores >= 2 ? 2 : 1))
+  [[ -n ${OMP_NUM_THREADS:-} ]] || alone_threads=$((jobs < cores ? jobs : cores))
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
 jobs=${jobs:-1}
@@ -140,7 +145,8 @@ launch() { # start stage $1: in the foreground when $2 is "fg", else into its lo
   else
     mkdir -p "$work_dir/logs"
     echo "== ${SCRIPT[$stage]} ${common[*]} ${own[*]}  (beside another stage; log: $work_dir/logs/$stage.log)"
-    "$PYTHON" "${SCRIPT[$stage]}" "${common[@]}" "${own[@]}" >"$work_dir/logs/$stage.log" 2>&1 &
+    TQDM_MININTERVAL=${TQDM_MININTERVAL:-30} \
+      "$PYTHON" "${SCRIPT[$stage]}" "${common[@]}" "${own[@]}" >"$work_dir/logs/$stage.log" 2>&1 &
     PID[$stage]=$!
   fi
 }
@@ -149,6 +155,19 @@ finish() {
   STATE[$1]=done
   echo "== $1 (${SCRIPT[$1]}) done in $(($(date +%s) - T0[$1])) s"
 }
+
+# Ctrl-C or a kill reaches this script, not the stages beside it (a script's background jobs ignore
+# SIGINT): stop them too, so that no stage goes on writing into the work dir behind a rerun's back.
+stop_stages() {
+  local stopped=()
+  for stage in "${!PID[@]}"; do
+    [[ ${STATE[$stage]} == running ]] && kill "${PID[$stage]}" 2>/dev/null && stopped+=("$stage")
+  done
+  wait
+  echo "run_pipeline.sh: interrupted; stopped ${stopped[*]:-no stage} (rerun with --from STAGE; a training script continues its checkpoint with --STAGE.resume)" >&2
+  exit 130
+}
+trap stop_stages INT TERM
 
 start=$(date +%s)
 while :; do

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import shutil
 
 import numpy as np
@@ -227,8 +228,14 @@ def test_evaluate_end_to_end_tiny(eval_work):
     perturbed copies; the gold reward model is a copy of the proxy (so gold scores equal proxy scores)."""
     make_policy(eval_work / PPO_DIR, metrics=[cost_record(10, 30.0, 5000, 400.0)])
     snapshots = eval_work / "runs" / "ppo" / common.SNAPSHOTS_DIR
-    for step, noise in ((3, 0.01), (7, 0.02), (12, 0.03)):  # step 12 is past the final step 10: another run's
+    # steps 3 and 7 come from the run of the final folder (written before it); step 12 is past its last step
+    # 10 and step 9 was written after it: both another run's; a killed save's step-5.tmp-1 is no snapshot
+    for step, noise in ((3, 0.01), (7, 0.02), (12, 0.03), (9, 0.04)):
         make_policy(snapshots / f"step-{step}", noise=noise, seed=step)
+    (snapshots / "step-5.tmp-1").mkdir()
+    final_saved = (eval_work / PPO_DIR / "config.json").stat().st_mtime
+    for step, age in ((3, -20), (7, -10), (12, -5), (9, 10)):
+        os.utime(snapshots / f"step-{step}" / "config.json", (final_saved + age, final_saved + age))
     make_policy(eval_work / GRPO_BEST_DIR, noise=0.02, seed=1, metrics=[cost_record(10, 60.0, 9000, 450.0)])
     make_policy(eval_work / DPO_DIR, noise=0.03, seed=2)  # no metrics.jsonl: cost left empty, said so
     (eval_work / common.GOLD_REWARD_MODEL_DIR).symlink_to((eval_work / REWARD_MODEL_DIR).resolve())
@@ -303,7 +310,11 @@ def test_evaluate_end_to_end_tiny(eval_work):
     assert list(frontier.method) == ["base", "ppo", "ppo", "ppo", "dpo", *["best_of_n"] * 3]
     assert list(frontier.step.fillna(-1)) == [0, 3, 7, 10, -1, -1, -1, -1]
     assert list(frontier.n.fillna(-1)) == [-1] * 5 + [1, 2, 4]
-    assert f"{snapshots / 'step-12'} is not before {eval_work / PPO_DIR}'s last step 10" in proc.stdout
+    for step in (9, 12):
+        assert (
+            f"{snapshots / f'step-{step}'} is not from the run that wrote {eval_work / PPO_DIR} (its last step 10)"
+            in proc.stdout
+        )
     assert f"{eval_work / common.GRPO_FINAL_DIR} not found: grpo has no path on the frontier" in proc.stdout
     # the table's own replies are reused: PPO's and DPO's final points are their summary rows; base's and
     # best-of-1's are base's

@@ -2,8 +2,10 @@
 refuses: abbreviated flags, and a hub model with no way to reach the Hub (a few seconds, one line)."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import REPO, SCRIPT_ENV, run_script
@@ -188,3 +190,29 @@ def test_a_stage_failing_beside_another_stops_the_pipeline_with_its_log(tmp_path
     assert f"run_pipeline.sh: ppo (PPO_training.py) failed with status 3: its log is {work}/logs/ppo.log" in proc.stderr
     assert "evaluate_models.py" not in proc.stdout and "pipeline done" not in proc.stdout
     assert "gold: skipped" in proc.stdout  # no gold_train split in processed_data
+
+
+def test_ctrl_c_stops_the_stages_running_beside_each_other(tmp_path):
+    """A script's background jobs ignore SIGINT: the runner stops them itself, so none writes on behind a rerun."""
+    events = tmp_path / "events"
+    fake = fake_python(tmp_path, f'echo "$$" >> {events}; exec sleep 60')
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_MININTERVAL", "OMP_NUM_THREADS")}
+    argv = ["--preset", "tiny", "--work_dir", tmp_path / "w", "--jobs=2", "--from", "reward"]
+    runner = subprocess.Popen(
+        ["bash", str(REPO / "run_pipeline.sh"), *map(str, argv)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**env, "PYTHON": str(fake)},
+    )
+    deadline = time.time() + 30
+    while not (events.is_file() and len(events.read_text().split()) == 2):  # reward and dpo (no gold split)
+        assert time.time() < deadline and runner.poll() is None, runner.communicate()
+        time.sleep(0.05)
+    runner.send_signal(signal.SIGINT)
+    out, err = runner.communicate(timeout=30)
+    assert runner.returncode == 130, err
+    assert "run_pipeline.sh: interrupted; stopped reward dpo" in err
+    for pid in map(int, events.read_text().split()):
+        with pytest.raises(ProcessLookupError):  # the stage is gone, not orphaned
+            os.kill(pid, 0)
