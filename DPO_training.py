@@ -80,6 +80,7 @@ from common import (
     save_pretrained_atomic,
     save_snapshot,
     set_seed,
+    snapshot_due,
     sync_snapshots,
     unwrap,
 )
@@ -543,8 +544,8 @@ def main(args):
                 record |= eval_metrics
             if record:
                 logger.log(step, record)
-            if is_main and args.snapshot_every and step % args.snapshot_every == 0 and step < total_steps:
-                save_snapshot(run_dir, step, policy)  # the last step's is the final model
+            if is_main and snapshot_due(step, total_steps, args.snapshot_every):
+                save_snapshot(run_dir, step, policy)
             if step % args.save_every == 0 or step == total_steps:
                 save(step)
                 last_saved = step

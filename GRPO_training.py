@@ -82,6 +82,7 @@ from common import (
     save_pretrained_atomic,
     save_snapshot,
     set_seed,
+    snapshot_due,
     sync_snapshots,
     unwrap,
 )
@@ -457,8 +458,8 @@ def main(args):
         logger.log(step, metrics)
         progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{kl_per_reply:.3f}")
 
-        if is_main and args.snapshot_every and step % args.snapshot_every == 0 and step < args.total_steps:
-            save_snapshot(run_dir, step, policy)  # the last step's is the final model
+        if is_main and snapshot_due(step, args.total_steps, args.snapshot_every):
+            save_snapshot(run_dir, step, policy)
         if step % args.save_every == 0 or step == args.total_steps:
             if is_main:
                 save_checkpoint(

@@ -94,6 +94,7 @@ from common import (
     save_pretrained_atomic,
     save_snapshot,
     set_seed,
+    snapshot_due,
     sync_snapshots,
     test_prompt_sample,
     unwrap,
@@ -522,8 +523,8 @@ def main(args):
         progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
         if is_main and (step + 1) % args.log_samples_every == 0:
             tqdm.write(f"step {step + 1}\n" + sample_table(samples.prompts, samples.responses, scores))
-        if is_main and args.snapshot_every and (step + 1) % args.snapshot_every == 0 and step + 1 < args.total_steps:
-            save_snapshot(run_dir, step + 1, unwrap(model).policy)  # the last step's is the final model
+        if is_main and snapshot_due(step + 1, args.total_steps, args.snapshot_every):
+            save_snapshot(run_dir, step + 1, unwrap(model).policy)
         if (step + 1) % args.save_every == 0 or step + 1 == args.total_steps:
             if is_main:
                 state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}

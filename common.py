@@ -799,6 +799,11 @@ def snapshots(run_dir):
     return sorted((int(m.group(1)), p) for m, p in found if m and (p / "config.json").is_file())
 
 
+def snapshot_due(step, total_steps, every):
+    """A snapshot is kept every `every` steps (0: never), but not at the last: the final model is that point."""
+    return bool(every) and 0 < step < total_steps and step % every == 0
+
+
 def save_snapshot(run_dir, step, policy):
     """A policy-only snapshot (safetensors + config, no optimizer state) at runs/<name>/snapshots/step-N/.
 
@@ -818,11 +823,13 @@ def sync_snapshots(run_dir, step, total_steps, every, policy):
     them again), and N's own is written from the checkpoint's weights when a shorter run ended there (its
     last step's snapshot was its final model). Leftovers of a killed save go with `remove_leftovers`."""
     remove_leftovers(Path(run_dir) / SNAPSHOTS_DIR)
+    kept = set()
     for at, folder in snapshots(run_dir):
         if at > step:
             shutil.rmtree(folder)
-    due = every and 0 < step < total_steps and step % every == 0
-    if due and not (Path(run_dir) / SNAPSHOTS_DIR / f"step-{step}" / "config.json").is_file():
+        else:
+            kept.add(at)
+    if snapshot_due(step, total_steps, every) and step not in kept:
         save_snapshot(run_dir, step, policy)
 
 

@@ -259,14 +259,19 @@ def bootstrap_ci(values, num_samples, seed, level=0.95):
     return tuple(np.quantile(means, [(1 - level) / 2, (1 + level) / 2]))
 
 
-def training_cost(folder):
-    """Wall time, tokens and peak memory from the last record of a model folder's metrics.jsonl."""
+def last_record(folder):
+    """The last record of a model folder's metrics.jsonl (None without one)."""
     path = Path(folder) / "metrics.jsonl"
     records = read_metrics(path) if path.is_file() else []
-    if not records:
-        print(f"{path} not found or empty: no training cost for this model")
+    return records[-1] if records else None
+
+
+def training_cost(folder):
+    """Wall time, tokens and peak memory from the last record of a model folder's metrics.jsonl."""
+    last = last_record(folder)
+    if last is None:
+        print(f"{Path(folder) / 'metrics.jsonl'} not found or empty: no training cost for this model")
         return {}
-    last = records[-1]
     return {
         "train_time_s": last.get("time/elapsed_s"),
         "train_tokens": last.get("tokens/processed"),
@@ -340,13 +345,6 @@ def frontier_row(method, step, n, out, kl, args):
     return row | {"distinct_share": distinct, "length_mean": float(np.mean(out["length"]))}
 
 
-def last_step(folder):
-    """The step of the last record in a model folder's metrics.jsonl (None without one)."""
-    path = Path(folder) / "metrics.jsonl"
-    records = read_metrics(path) if path.is_file() else []
-    return records[-1]["step"] if records else None
-
-
 def frontier(work_dir, base, tokenizer, prompts, results, scorers, load_policy, args):
     """The reward-KL frontier: base; every snapshot and the final policy of each method; best-of-N from base.
     All on the same prompts, decoding settings and seed as the table; a table model's replies are reused."""
@@ -356,7 +354,8 @@ def frontier(work_dir, base, tokenizer, prompts, results, scorers, load_policy, 
         if not (final / "config.json").is_file():
             print(f"{final} not found: {method} has no path on the frontier")
             continue
-        final_step, saved_at = last_step(final), (final / "config.json").stat().st_mtime
+        last = last_record(final)
+        final_step, saved_at = (last["step"] if last else None), (final / "config.json").stat().st_mtime
         points = []
         for step, folder in snapshots(work_dir / "runs" / run_name):
             # a run writes its snapshots before its final folder: one at or past its last step, or written
@@ -591,13 +590,13 @@ def main(args):
         else:
             print(f"{work_dir / folder} not found: {name} is left out of the evaluation")
 
-    gold = None
-    if (work_dir / GOLD_REWARD_MODEL_DIR / "config.json").is_file() and GOLD_SPLIT not in data:
+    gold, has_gold = None, (work_dir / GOLD_REWARD_MODEL_DIR / "config.json").is_file()
+    if has_gold and GOLD_SPLIT not in data:
         print(
             f"{work_dir / GOLD_REWARD_MODEL_DIR} is left out: processed_data/ has no {GOLD_SPLIT} split any more "
             "(rebuilt without --gold_share), so the pairs it was trained on may be the policies' own"
         )
-    elif (work_dir / GOLD_REWARD_MODEL_DIR / "config.json").is_file():
+    elif has_gold:
         gold = load_reward_model(work_dir, device, args, gold=True)
         print(f"{work_dir / GOLD_REWARD_MODEL_DIR}: the held-out gold reward model scores every reply too")
     oracle = load_oracle(work_dir)
