@@ -60,8 +60,10 @@ from transformers import get_linear_schedule_with_warmup
 from common import (
     DPO_DIR,
     FINISHING,
-    CommonArgs,
     MetricsLogger,
+    TrainArgs,
+    atomic_write_json,
+    card_writer,
     check,
     check_resumable,
     gather_logprobs,
@@ -72,6 +74,7 @@ from common import (
     load_tokenizer,
     make_accelerator,
     plot_metrics,
+    push_folder,
     remove_leftovers,
     response_logits,
     run,
@@ -81,13 +84,14 @@ from common import (
     save_snapshot,
     set_seed,
     snapshot_due,
+    start_tracking,
     sync_snapshots,
     unwrap,
 )
 
 
 @dataclass
-class Args(CommonArgs):
+class Args(TrainArgs):
     # data
     max_train_samples: int = field(default=0, metadata={"help": "use the first N pairs of the train split (0 = all)"})
     max_eval_samples: int = field(default=0, metadata={"help": "use the first N validation pairs (0 = all)"})
@@ -409,10 +413,10 @@ def main(args):
     check(
         min(args.max_train_samples, args.max_eval_samples, args.eval_steps, args.max_steps) >= 0, "counts must be >= 0"
     )
-    accelerator = make_accelerator()
+    run_dir = Path(args.work_dir) / "runs" / RUN_NAME
+    accelerator = make_accelerator(args, run_dir)
     accelerator.gradient_accumulation_steps = args.gradient_accumulation_steps
     is_main = accelerator.is_main_process
-    run_dir = Path(args.work_dir) / "runs" / RUN_NAME
     checkpoint_path = run_dir / "checkpoint.pt"
     if args.resume:
         check_resumable(checkpoint_path)
@@ -470,7 +474,9 @@ def main(args):
         policy, optimizer, train_loader, val_loader, scheduler
     )
     ref_model.to(accelerator.device)
-    logger = MetricsLogger(run_dir / "metrics.jsonl", resume_step=step if args.resume else None, enabled=is_main)
+    resume_step = step if args.resume else None
+    start_tracking(accelerator, args, run_dir, RUN_NAME, resume_step)
+    logger = MetricsLogger(run_dir / "metrics.jsonl", resume_step=resume_step, enabled=is_main, tracker=accelerator)
     if is_main:
         print(
             f"DPO: {len(train_set)} train / {len(val_set)} validation pairs, {total_steps} optimizer steps of "
@@ -565,6 +571,7 @@ def main(args):
             f"margin {eval_metrics['eval/rewards/margins']:.3f}, kl {eval_metrics['eval/kl']:.2f}"
         )
         plot_metrics(logger.path, PLOT_KEYS, run_dir / f"{RUN_NAME}_curves.png", title="DPO")
+        results = {"split": "validation", "pairs": len(val_set), "step": step, **eval_metrics}
         save_pretrained_atomic(
             Path(args.work_dir) / DPO_DIR,
             policy,
@@ -573,9 +580,16 @@ def main(args):
                 "metrics.jsonl": lambda path: shutil.copy(logger.path, path),
                 f"{RUN_NAME}_curves.png": lambda path: shutil.copy(run_dir / f"{RUN_NAME}_curves.png", path),
                 "args.json": lambda path: save_args(args, path),
+                "eval_results.json": lambda path: atomic_write_json(path, results),
+                "README.md": card_writer(
+                    "dpo", args, results, "DPO_training.py", TINY, curves=f"{RUN_NAME}_curves.png"
+                ),
             },
         )
         print(f"wrote {Path(args.work_dir) / DPO_DIR}")
+    accelerator.end_training()
+    if is_main and args.push_to_hub:
+        push_folder(Path(args.work_dir) / DPO_DIR, args.push_to_hub)
     accelerator.wait_for_everyone()
     return unwrap(policy)
 

@@ -57,9 +57,10 @@ from common import (
     GRPO_FINAL_DIR,
     RUN_ID_FILE,
     AdaptiveKLController,
-    CommonArgs,
     MetricsLogger,
+    TrainArgs,
     atomic_write_json,
+    card_writer,
     check,
     check_resumable,
     entropy_from_logits,
@@ -74,6 +75,8 @@ from common import (
     make_accelerator,
     masked_mean,
     plot_metrics,
+    push_folder,
+    read_metrics,
     remove_leftovers,
     response_logits,
     run,
@@ -83,13 +86,14 @@ from common import (
     save_snapshot,
     set_seed,
     snapshot_due,
+    start_tracking,
     sync_snapshots,
     unwrap,
 )
 
 
 @dataclass
-class Args(CommonArgs):
+class Args(TrainArgs):
     # data
     max_prompt_length: int = field(default=192, metadata={"help": "prompt tokens kept, truncated from the left"})
     reward_max_length: int = field(
@@ -344,7 +348,7 @@ def main(args):
     if args.resume:
         check_resumable(ckpt_path)
 
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(args, run_dir)
     is_main, device = accelerator.is_main_process, accelerator.device
     world, rank = accelerator.num_processes, accelerator.process_index
     if is_main:
@@ -382,7 +386,9 @@ def main(args):
         check(start_step <= args.total_steps, f"--resume: the checkpoint is at step {start_step} > --total_steps")
         if is_main:
             print(f"resumed from {ckpt_path} at step {start_step}{FINISHING if start_step == args.total_steps else ''}")
-    logger = MetricsLogger(run_dir / "metrics.jsonl", resume_step=start_step if args.resume else None, enabled=is_main)
+    resume_step = start_step if args.resume else None
+    start_tracking(accelerator, args, run_dir, "grpo", resume_step)
+    logger = MetricsLogger(run_dir / "metrics.jsonl", resume_step=resume_step, enabled=is_main, tracker=accelerator)
     if is_main:
         save_args(args, run_dir / "args.json")
         sync_snapshots(run_dir, start_step, args.total_steps, args.snapshot_every, policy)
@@ -476,25 +482,43 @@ def main(args):
                 plot_metrics(run_dir / "metrics.jsonl", CURVES, run_dir / "grpo_curves.png", "GRPO")
             accelerator.wait_for_everyone()
 
-    # 8. save the final policy and the best-by-held-out-reward one, each with the run's metrics and curves
+    # 8. save the final policy and the best-by-held-out-reward one, each with the run's metrics, curves and card
     if is_main:
         plot_metrics(run_dir / "metrics.jsonl", CURVES, run_dir / "grpo_curves.png", "GRPO")
-        extra = {
-            "metrics.jsonl": lambda p: shutil.copy(run_dir / "metrics.jsonl", p),
-            "grpo_curves.png": lambda p: shutil.copy(run_dir / "grpo_curves.png", p),
-            "args.json": lambda p: shutil.copy(run_dir / "args.json", p),
-            RUN_ID_FILE: lambda p: atomic_write_json(p, {"run_id": run_id}),
-        }
-        save_pretrained_atomic(Path(args.work_dir) / GRPO_FINAL_DIR, policy, tokenizer, extra=extra)
+        records = read_metrics(run_dir / "metrics.jsonl")
+
+        def folder_files(step, title):
+            """What both folders hold; eval_results.json is the held-out evaluation logged at `step`."""
+            record = next(r for r in records if r["step"] == step and "eval/reward" in r)
+            results = {"split": "validation", "prompts": len(eval_prompts), "step": step}
+            results |= {k: v for k, v in record.items() if k.startswith("eval/")}
+            return {
+                "metrics.jsonl": lambda p: shutil.copy(run_dir / "metrics.jsonl", p),
+                "grpo_curves.png": lambda p: shutil.copy(run_dir / "grpo_curves.png", p),
+                "args.json": lambda p: shutil.copy(run_dir / "args.json", p),
+                RUN_ID_FILE: lambda p: atomic_write_json(p, {"run_id": run_id}),
+                "eval_results.json": lambda p: atomic_write_json(p, results),
+                "README.md": card_writer(
+                    "grpo", args, results, "GRPO_training.py", TINY, curves="grpo_curves.png", title=title
+                ),
+            }
+
+        final_title, best_title = f"GRPO policy, step {args.total_steps}", f"GRPO policy, best step {best['step']}"
+        save_pretrained_atomic(
+            Path(args.work_dir) / GRPO_FINAL_DIR, policy, tokenizer, extra=folder_files(args.total_steps, final_title)
+        )
         best_policy = load_causal_lm(args.model, tokenizer)
         best_policy.load_state_dict(best["state"])
         best_info = {"step": best["step"], "eval/reward": best["eval/reward"], "eval_prompts": len(eval_prompts)}
-        extra["best.json"] = lambda p: atomic_write_json(p, best_info)
+        extra = folder_files(best["step"], best_title) | {"best.json": lambda p: atomic_write_json(p, best_info)}
         save_pretrained_atomic(Path(args.work_dir) / GRPO_BEST_DIR, best_policy, tokenizer, extra=extra)
         print(
             f"best held-out reward {best['eval/reward']:.4f} at step {best['step']} -> {args.work_dir}/{GRPO_BEST_DIR}"
         )
         print(f"final policy -> {args.work_dir}/{GRPO_FINAL_DIR}")
+    accelerator.end_training()
+    if is_main and args.push_to_hub:  # the policy evaluate_models.py reports as GRPO
+        push_folder(Path(args.work_dir) / GRPO_BEST_DIR, args.push_to_hub)
     accelerator.wait_for_everyone()
     return unwrap(policy)
 

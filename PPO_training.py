@@ -68,10 +68,11 @@ from common import (
     FINISHING,
     PPO_DIR,
     AdaptiveKLController,
-    CommonArgs,
     MetricsLogger,
+    TrainArgs,
     UserError,
     atomic_write_json,
+    card_writer,
     check,
     check_resumable,
     entropy_from_logits,
@@ -87,6 +88,7 @@ from common import (
     masked_mean,
     masked_whiten,
     plot_metrics,
+    push_folder,
     remove_leftovers,
     response_logits,
     run,
@@ -95,6 +97,7 @@ from common import (
     save_snapshot,
     set_seed,
     snapshot_due,
+    start_tracking,
     sync_snapshots,
     test_prompt_sample,
     unwrap,
@@ -102,7 +105,7 @@ from common import (
 
 
 @dataclass
-class Args(CommonArgs):
+class Args(TrainArgs):
     # data
     max_prompt_length: int = field(default=256, metadata={"help": "prompt tokens kept, truncated from the left"})
     max_new_tokens: int = field(default=64, metadata={"help": "longest sampled reply, in tokens"})
@@ -446,7 +449,7 @@ def main(args):
     checkpoint_path = run_dir / "checkpoint.pt"
     if args.resume:
         check_resumable(checkpoint_path)
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(args, run_dir)
     device, is_main = accelerator.device, accelerator.is_main_process
     if is_main:
         remove_leftovers(run_dir, args.work_dir)
@@ -495,7 +498,9 @@ def main(args):
         sync_snapshots(run_dir, start_step, args.total_steps, args.snapshot_every, model.policy)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    logger = MetricsLogger(run_dir / "metrics.jsonl", resume_step=start_step if args.resume else None, enabled=is_main)
+    resume_step = start_step if args.resume else None
+    start_tracking(accelerator, args, run_dir, RUN_NAME, resume_step)
+    logger = MetricsLogger(run_dir / "metrics.jsonl", resume_step=resume_step, enabled=is_main, tracker=accelerator)
     progress = tqdm(range(start_step, args.total_steps), desc="ppo", disable=not is_main)
     for step in progress:
         first = step * global_batch + accelerator.process_index * args.rollout_batch_size
@@ -569,9 +574,15 @@ def main(args):
                 f"{RUN_NAME}_curves.png": lambda path: shutil.copy(run_dir / f"{RUN_NAME}_curves.png", path),
                 "args.json": lambda path: atomic_write_json(path, asdict(args)),
                 "eval_results.json": lambda path: atomic_write_json(path, results),
+                "README.md": card_writer(
+                    "ppo", args, results, "PPO_training.py", TINY, curves=f"{RUN_NAME}_curves.png"
+                ),
             },
         )
         print(f"wrote {Path(args.work_dir) / PPO_DIR}")
+    accelerator.end_training()
+    if is_main and args.push_to_hub:
+        push_folder(Path(args.work_dir) / PPO_DIR, args.push_to_hub)
     accelerator.wait_for_everyone()
     return unwrap(model)
 

@@ -11,11 +11,13 @@ must be *identical* across scripts, because copies that drift are how RLHF code 
   log-probs, entropy, `masked_mean`/`masked_whiten`;
 * sampling with EOS masking (`generate_responses`) and reward scoring (`get_reward`),
   so PPO, GRPO and evaluation score exactly as the reward model was trained;
-* seeding, device/precision, checkpoints, the metrics log and its plot.
+* seeding, device/precision, checkpoints, the metrics log and its plot;
+* tracking and sharing: `--report_to` trackers, model cards, `--push_to_hub`.
 """
 
 import argparse
 import gzip
+import importlib.util
 import json
 import os
 import random
@@ -27,9 +29,10 @@ import socket
 import sys
 import tempfile
 import time
+import uuid
 import zipfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +97,24 @@ class CommonArgs:
     model: str = field(default="gpt2", metadata={"help": "base model: hub id or local path (tiny: bundled)"})
 
 
+@dataclass
+class TrainArgs(CommonArgs):
+    """Flags every training script takes besides CommonArgs: trackers and the Hub."""
+
+    report_to: str = field(
+        default="none",
+        metadata={
+            "help": "experiment trackers, a comma list of tensorboard, wandb, trackio (metrics.jsonl is always written)"
+        },
+    )
+    push_to_hub: str = field(
+        default=None,
+        metadata={
+            "help": "upload the finished model folder, card included, to this Hub repo (user/name); needs HF_TOKEN"
+        },
+    )
+
+
 class _Parser(HfArgumentParser):
     def error(self, message):  # one line instead of argparse's usage block
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -137,6 +158,9 @@ def run(main, args_cls, tiny=None, checkpoint=None):
     started = time.time()
     try:
         check_work_dir(args.work_dir)
+        if isinstance(args, TrainArgs):  # before any training: a missing tracker or Hub token is one line now
+            trackers(args)
+            check_push(args)
         use_cache_if_hub_unreachable(args)
         main(args)
     except UserError as e:
@@ -228,10 +252,14 @@ def use_bf16():
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def make_accelerator():
+def make_accelerator(args=None, run_dir=None):
+    """The hand-written loops' Accelerator, with --report_to's trackers (TensorBoard writes run_dir/tensorboard/)."""
     from accelerate import Accelerator
+    from accelerate.tracking import TensorBoardTracker
 
-    return Accelerator(mixed_precision="bf16" if use_bf16() else "no")
+    names = trackers(args) if args is not None else []
+    log_with = [TensorBoardTracker(TENSORBOARD_DIR, run_dir) if name == "tensorboard" else name for name in names]
+    return Accelerator(mixed_precision="bf16" if use_bf16() else "no", log_with=log_with or None)
 
 
 def unwrap(model):
@@ -895,11 +923,12 @@ class MetricsLogger:
 
     Each record carries `time/elapsed_s`, `tokens/processed` (tokens through forward
     passes, generation included) and `mem/peak_mb`. On resume the file is cut back to
-    the checkpoint's step and the counters continue from its last record.
+    the checkpoint's step and the counters continue from its last record. With `tracker`
+    (an Accelerator holding --report_to's trackers) each record goes to them as well.
     """
 
-    def __init__(self, path, resume_step=None, enabled=True, keep_records=None):
-        self.path, self.enabled = Path(path), enabled
+    def __init__(self, path, resume_step=None, enabled=True, keep_records=None, tracker=None):
+        self.path, self.enabled, self.tracker = Path(path), enabled, tracker
         self.tokens, self.elapsed_before, self.records = 0, 0.0, 0
         self.start = time.time()
         if not enabled:
@@ -931,6 +960,9 @@ class MetricsLogger:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             self.records += 1
+            if self.tracker is not None:  # --report_to: the same keys and step, numbers only
+                numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+                self.tracker.log(numbers, step=step)
         return record
 
 
@@ -981,3 +1013,306 @@ def plot_metrics(metrics_path, keys, png_path, title=""):
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return y_ranges
+
+
+# ---------------------------------------------------------------------------
+# Tracking and sharing: experiment trackers, model cards, the Hub
+# ---------------------------------------------------------------------------
+
+TRACKERS = ("tensorboard", "wandb", "trackio")  # --report_to's names: each is its module and its pip package
+TRACKER_PROJECT = "rlhf-gpt2"  # wandb's and trackio's project; each run is named after its runs/ folder
+TENSORBOARD_DIR = "tensorboard"  # runs/<run>/tensorboard/: `tensorboard --logdir WORK_DIR/runs` shows them all
+TRACKER_RUN_FILE = "tracker_run.json"  # {"id": ...}: a resumed run continues the same wandb / trackio run
+
+
+def trackers(args):
+    """--report_to as a list of names ([] for none); a tracker that is not installed is one line naming its package."""
+    names = [name.strip() for name in args.report_to.split(",") if name.strip() not in ("", "none")]
+    for name in names:
+        check(name in TRACKERS, f"--report_to {name!r}: expected none or a comma list of {', '.join(TRACKERS)}")
+        installed = importlib.util.find_spec(name) or (
+            name == "tensorboard" and importlib.util.find_spec("tensorboardX")
+        )
+        check(installed, f"--report_to {name}: {name} is not installed (pip install {name})")
+    return names
+
+
+def tracker_config(args):
+    """The run's settings as trackers take them: numbers, strings and booleans; anything else as its text."""
+    values = args.__dict__ if hasattr(args, "__dataclass_fields__") else vars(args)
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in values.items()}
+
+
+def tracker_run_id(run_dir, resume):
+    """A fresh run's new id (written to run_dir), or on --resume the id of the run it continues."""
+    path = Path(run_dir) / TRACKER_RUN_FILE
+    if resume and path.exists():
+        return json.loads(path.read_text())["id"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run_id = uuid.uuid4().hex[:8]
+    atomic_write_json(path, {"id": run_id})
+    tensorboard = Path(run_dir) / TENSORBOARD_DIR
+    if not resume and tensorboard.exists():  # a fresh run's curves must not be drawn over an older run's
+        shutil.rmtree(tensorboard)
+    return run_id
+
+
+def start_tracking(accelerator, args, run_dir, run_name, resume_step):
+    """Open the Accelerator's trackers (main process only), the run's settings as their config.
+
+    A resumed run (`resume_step`: its checkpoint's step) logs again from the step after it: TensorBoard's writer
+    purges what the killed run logged from there on, wandb and trackio continue the same run id."""
+    from accelerate.tracking import TensorBoardTracker
+
+    if not accelerator.log_with:
+        return
+    kwargs = {}
+    if accelerator.is_main_process:
+        run_id = tracker_run_id(run_dir, resume_step is not None)
+        kwargs = {
+            "tensorboard": {"purge_step": None if resume_step is None else resume_step + 1},
+            "wandb": {"name": run_name, "dir": str(run_dir), "id": run_id, "resume": "allow"},
+            "trackio": {"name": f"{run_name}-{run_id}", "resume": "allow"},
+        }
+    for tracker in accelerator.log_with:  # make_accelerator's TensorBoard tracker: its writer is made just below
+        if isinstance(tracker, TensorBoardTracker):
+            tracker.init_kwargs |= kwargs.pop("tensorboard", {})
+    accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(args), init_kwargs=kwargs)
+
+
+def trainer_tracking(args, run_dir, run_name, resume_step, is_main):
+    """--report_to for the reward model's Trainer, through its own integrations: the same folders, project, run
+    name and run id as `start_tracking`. Returns (report_to, callbacks): TensorBoard's callback comes with a
+    writer that purges what a killed run logged past `resume_step`, its checkpoint's step."""
+    names = trackers(args)
+    callbacks = []
+    if names and is_main:  # Trainer's trackers log from the main process only
+        run_id = tracker_run_id(run_dir, resume_step is not None)
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(run_dir) / TENSORBOARD_DIR)
+        os.environ.update(WANDB_PROJECT=TRACKER_PROJECT, WANDB_DIR=str(run_dir), WANDB_RUN_ID=run_id)
+        os.environ["WANDB_RESUME"] = "allow"
+        os.environ.setdefault("WANDB_LOG_MODEL", "false")  # the model goes to the Hub with --push_to_hub, not wandb
+        if "tensorboard" in names:
+            from transformers.integrations import TensorBoardCallback
+
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                from tensorboardX import SummaryWriter
+            purge = None if resume_step is None else resume_step + 1
+            writer = SummaryWriter(os.environ["TENSORBOARD_LOGGING_DIR"], purge_step=purge)
+            callbacks = [TensorBoardCallback(writer)]
+    return [name for name in names if name != "tensorboard"] or "none", callbacks
+
+
+BASE_LICENSES = {"gpt2": "mit", "gpt2-medium": "mit", "gpt2-large": "mit", "gpt2-xl": "mit", "distilgpt2": "apache-2.0"}
+BASE_LICENSES |= {f"openai-community/{name}": license for name, license in BASE_LICENSES.items()}
+BASE_LICENSES["tiny_gpt2"] = "mit"  # assets/tiny_gpt2: GPT-2's architecture and tokenizer, randomly initialised
+
+PAPERS = {
+    "hh-rlhf": "[Bai et al. (2022), Training a Helpful and Harmless Assistant with RLHF](https://arxiv.org/abs/2204.05862)",
+    "reward_model": "[Stiennon et al. (2020), Learning to summarize from human feedback](https://arxiv.org/abs/2009.01325)",
+    "ppo": "[Ziegler et al. (2019), Fine-Tuning Language Models from Human Preferences](https://arxiv.org/abs/1909.08593)"
+    " and [Schulman et al. (2017), Proximal Policy Optimization](https://arxiv.org/abs/1707.06347)",
+    "grpo": "[Shao et al. (2024), DeepSeekMath](https://arxiv.org/abs/2402.03300)",
+    "dpo": "[Rafailov et al. (2023), Direct Preference Optimization](https://arxiv.org/abs/2305.18290)",
+}
+# method: (name, task, tags, what the model is, headline figures of its eval_results.json: (path, metric type, name))
+CARDS = {
+    "reward_model": (
+        "reward model",
+        "text-classification",
+        ["reward-model", "rlhf"],
+        "A reward model: the base with a linear score head, trained on preference pairs with the Bradley-Terry loss "
+        "(the chosen reply must score above the rejected one). It scores a whole conversation; higher is better.",
+        [("accuracy", "accuracy", "test pairs ranked right"), ("loss", "loss", "test Bradley-Terry loss")],
+    ),
+    "ppo": (
+        "PPO policy",
+        "text-generation",
+        ["ppo", "rlhf"],
+        "A policy trained with PPO against the reward model, with a KL penalty to the base model; "
+        "`value_head.safetensors` holds the value head it was trained with.",
+        [("ppo/score", "reward", "reward-model score of its replies"), ("ppo/kl", "kl", "KL to base (nats)")],
+    ),
+    "grpo": (
+        "GRPO policy",
+        "text-generation",
+        ["grpo", "rlhf"],
+        "A policy trained with GRPO: several replies per prompt, each scored by the reward model against its "
+        "group's mean, with a KL penalty to the base model; no value head.",
+        [("eval/reward", "reward", "reward-model score of its replies")],
+    ),
+    "dpo": (
+        "DPO policy",
+        "text-generation",
+        ["dpo", "rlhf"],
+        "A policy trained with DPO straight on the preference pairs: no reward model and no sampling, the base "
+        "model as its reference.",
+        [
+            ("eval/rewards/accuracies", "accuracy", "pairs its implicit reward ranks right"),
+            ("eval/loss", "loss", "DPO loss"),
+        ],
+    ),
+}
+EVALUATION_HEADING = "## Beside base and the other methods (evaluate_models.py)"
+
+
+def flatten(results, prefix=""):
+    """eval_results.json's numbers as {"ppo/score": ...}, in file order."""
+    flat = {}
+    for key, value in results.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def command_line(script, args, tiny=None):
+    """The command that remakes `args`: the preset, the work dir, and every flag that is not the preset's default."""
+    defaults = parse_args(type(args), tiny, ["--preset", args.preset])
+    words = ["python", script, "--preset", args.preset, "--work_dir", str(args.work_dir)]
+    for f in fields(args):
+        value = getattr(args, f.name)
+        if f.name not in ("preset", "work_dir") and value != getattr(defaults, f.name):
+            words += [f"--{f.name}"] if value is True else [f"--{f.name}", str(value)]
+    return shlex.join(words)
+
+
+def model_card(method, args, results, script, tiny=None, curves=None, title=None, note=""):
+    """The model folder's README.md, a Hugging Face model card (`huggingface_hub.ModelCard`): metadata, what the
+    model is, its method and paper, the command and settings that made it, its eval_results.json, its curves."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    name, task, tags, what, headline = CARDS[method]
+    base = resolve_model_name(args.model)
+    base_name = Path(base).name if Path(base).exists() else base  # a local folder: its name, never the path
+    is_tiny = args.preset == "tiny" or base_name == TINY_MODEL_DIR.name
+    stats_path = Path(args.work_dir) / PROCESSED_DIR / "stats.json"
+    dataset = json.loads(stats_path.read_text())["dataset"] if stats_path.exists() else PRESETS[args.preset]["dataset"]
+    on_hub = not Path(dataset).exists()
+    dataset_name = dataset if on_hub else Path(dataset).name
+    title = title or f"{name} from {base_name}"
+    flat = flatten(results)
+    data = ModelCardData(
+        model_name=title,
+        base_model=base_name,
+        datasets=[dataset] if on_hub else None,  # a local data set has no hub id: the text below names it
+        library_name="transformers",
+        license=BASE_LICENSES.get(base_name, "other"),
+        pipeline_tag=task,
+        tags=[*tags, "gpt2", "hh-rlhf", *(["tiny-preset"] if is_tiny else [])],
+        eval_results=[
+            EvalResult(
+                task_type=task,
+                dataset_type=dataset_name,
+                dataset_name=dataset_name,
+                dataset_split=results.get("split", "test"),  # PPO's evaluation: test prompts
+                metric_type=kind,
+                metric_name=name,
+                metric_value=flat[key],
+            )
+            for key, kind, name in headline
+            if key in flat
+        ]
+        or None,
+    )
+    settings = [f"| `{k}` | `{v}` |" for k, v in tracker_config(args).items()]
+    figures = [f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in flat.items()]
+    body = [f"# {title}", "", what + (f" {note}" if note else ""), ""]
+    if is_tiny:
+        body += [
+            "> **Tiny preset.** A CPU-sized model (GPT-2's architecture, a few layers, randomly initialised) trained "
+            "in minutes on synthetic hh-format data, to test the pipeline end to end. Its replies are not meant to "
+            "be read as a real assistant's.",
+            "",
+        ]
+    source = (
+        f"[{dataset}](https://huggingface.co/datasets/{dataset})" if on_hub else f"the local data set `{dataset_name}`"
+    )
+    body += [
+        "## Method",
+        "",
+        f"Base model `{base_name}`; data: {source} (format of {PAPERS['hh-rlhf']}). Method: {PAPERS[method]}.",
+        "",
+        "## How it was made",
+        "",
+        "```bash",
+        command_line(script, args, tiny),
+        "```",
+        "",
+        "<details><summary>Every setting (args.json)</summary>",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *settings,
+        "",
+        "</details>",
+        "",
+        "## Evaluation (eval_results.json)",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        *(figures or ["| (none) | |"]),
+        "",
+    ]
+    if curves:
+        body += ["## Training curves", "", f"![training curves]({curves})", ""]
+    return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n{{ body }}", body="\n".join(body))
+
+
+def card_writer(*card_args, **card_kwargs):
+    """For save_pretrained_atomic's `extra`: writes the model card into the folder being saved."""
+    return lambda path: model_card(*card_args, **card_kwargs).save(path)
+
+
+def add_evaluation_to_card(folder, table, command):
+    """evaluate_models.py's summary rows for this model, as the card's last section (replacing an earlier one)."""
+    from huggingface_hub import ModelCard
+
+    path = Path(folder) / "README.md"
+    if not path.exists():
+        print(f"{folder} has no model card (saved before cards were written): its summary row is not added")
+        return
+    card = ModelCard.load(path)
+    text = card.text.split(f"\n{EVALUATION_HEADING}\n")[0].rstrip()
+    section = f"{EVALUATION_HEADING}\n\nOn the same held-out prompts as base, from `{command}`:\n\n{table}\n"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    ModelCard(f"---\n{card.data.to_yaml()}\n---\n{text}\n\n{section}").save(tmp)
+    os.replace(tmp, path)
+
+
+def check_push(args):
+    """At start-up, before hours of training: --push_to_hub names a valid repo id and there is a token."""
+    if not args.push_to_hub:
+        return
+    import huggingface_hub
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(args.push_to_hub)
+    except HFValidationError as e:
+        raise UserError(f"--push_to_hub {args.push_to_hub!r}: {first_line(e)}") from None
+    check(
+        huggingface_hub.get_token(),
+        "--push_to_hub: no Hugging Face token: set HF_TOKEN or run `hf auth login` (the upload follows the training)",
+    )
+
+
+def push_folder(folder, repo_id):
+    """Upload a finished model folder (card included) to the Hub; a failure is one line, the folder stays."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        url = api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(
+            folder_path=str(folder), repo_id=repo_id, commit_message=f"{Path(folder).name} from rlhf-gpt2"
+        )
+    except Exception as e:  # network, authentication, permission: the saved folder is intact either way
+        raise UserError(
+            f"--push_to_hub {repo_id}: the upload failed ({first_line(e)}); the model is saved in {folder}: "
+            f"upload it later with `hf upload {repo_id} {folder}`"
+        ) from None
+    print(f"uploaded {folder} to {url}")

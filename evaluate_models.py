@@ -75,6 +75,7 @@ from common import (
     RUN_ID_FILE,
     TINY_DATA_DIR,
     CommonArgs,
+    add_evaluation_to_card,
     check,
     command,
     damage,
@@ -328,6 +329,22 @@ def summarize(results, costs, args, oracle_labels=None):
     summary = pd.DataFrame(rows)
     summary["train_tokens"] = summary["train_tokens"].astype("Int64")  # a count, shown without decimals
     return summary
+
+
+CARD_COLUMNS = [  # the summary's columns a model card shows (those this evaluation has)
+    "reward_mean", "reward_ci_low", "reward_ci_high", "beats_base_share", "kl_mean", "gold_mean", "gold_ci_low",
+    "gold_ci_high", "oracle_good", "oracle_gain_ci_low", "oracle_gain_ci_high", "distinct_share", "length_mean",
+]  # fmt: skip
+
+
+def card_table(summary, name):
+    """The summary's rows for base and `name` as a markdown table, one line per figure."""
+    rows = summary.set_index("model").loc[["base", name]]
+    lines = [f"| figure | base | {name} |", "|---|---|---|"]
+    for column in [c for c in CARD_COLUMNS if c in rows]:
+        cells = ["" if pd.isna(v) else f"{v:.3f}" for v in rows[column]]
+        lines.append(f"| `{column}` | {' | '.join(cells)} |")
+    return "\n".join(lines)
 
 
 def frontier_row(method, step, n, out, kl, args):
@@ -637,6 +654,8 @@ def main(args):
         replace_file(tmp, work_dir / FRONTIER_CSV)
         plot_frontier(work_dir / FRONTIER_PNG, points)
         written += [FRONTIER_CSV, FRONTIER_PNG]
+    for name, folder in policies.items():  # each policy's card gains its row beside base's
+        add_evaluation_to_card(folder, card_table(summary, name), command("evaluate_models.py", args))
     oracle_columns = [c for c in summary.columns if c.startswith("oracle_")]
     for columns in ([c for c in summary.columns if c not in oracle_columns], ["model", *oracle_columns]):
         if len(columns) > 1:

@@ -65,10 +65,12 @@ from common import (
     OFFLINE_HINT,
     PROCESSED_DIR,
     REWARD_MODEL_DIR,
-    CommonArgs,
+    TRACKER_PROJECT,
     MetricsLogger,
+    TrainArgs,
     UserError,
     atomic_write_json,
+    card_writer,
     check,
     command,
     damage,
@@ -77,6 +79,7 @@ from common import (
     load_tokenizer,
     offline,
     plot_metrics,
+    push_folder,
     remove_leftovers,
     resolve_model_name,
     reward_scores,
@@ -84,12 +87,13 @@ from common import (
     save_args,
     save_pretrained_atomic,
     set_seed,
+    trainer_tracking,
     use_bf16,
 )
 
 
 @dataclass
-class Args(CommonArgs):
+class Args(TrainArgs):
     # optimisation
     num_train_epochs: float = field(default=3.0, metadata={"help": "passes over the train split"})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps to train for; > 0 overrides the epochs"})
@@ -150,6 +154,11 @@ def outputs(args):
     work_dir = Path(args.work_dir)
     return work_dir / "runs" / name, work_dir / (GOLD_REWARD_MODEL_DIR if gold else REWARD_MODEL_DIR), name
 
+
+GOLD_NOTE = (
+    "This is the *gold* reward model: trained on the gold_train pairs, held out from the proxy reward model's, it "
+    "only judges the policies (evaluate_models.py), so a policy that games the proxy does not game it for free."
+)
 
 TOKEN_COLUMNS = ["input_ids_chosen", "attention_mask_chosen", "input_ids_rejected", "attention_mask_rejected"]
 CURVES = ["train/loss", "eval/loss", "train/accuracy", "eval/accuracy", "train/margin", "eval/margin"]
@@ -387,6 +396,7 @@ def main(args):
         print(f"a reward model: {args.model} with a new score head (a linear layer to one number, random at first)")
     model.config.pad_token_id = tokenizer.pad_token_id
 
+    report_to, tracker_callbacks = trainer_tracking(args, run_dir, run_name, resume_step, processes.is_main_process)
     training_args = TrainingArguments(
         output_dir=str(run_dir),
         num_train_epochs=args.num_train_epochs,
@@ -411,7 +421,9 @@ def main(args):
         length_column_name="length",
         remove_unused_columns=False,  # our columns are not arguments of model.forward
         dataloader_pin_memory=torch.cuda.is_available(),
-        report_to="none",
+        report_to=report_to,  # Trainer's own integrations
+        run_name=run_name,
+        project=TRACKER_PROJECT,
         seed=args.seed,
     )
     is_main = training_args.process_index == 0
@@ -438,7 +450,7 @@ def main(args):
         eval_dataset=data["validation"],
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
-        callbacks=[MetricsCallback(metrics_logger, png_path)],
+        callbacks=[MetricsCallback(metrics_logger, png_path), *tracker_callbacks],
         metrics_logger=metrics_logger,
     )
     trainer.remove_callback(ProgressCallback)  # its logs are printed as dicts of strings
@@ -463,6 +475,9 @@ def main(args):
     if trainer.is_world_process_zero():
         print(f"test: accuracy {results['accuracy']:.4f}, loss {results['loss']:.4f}, margin {results['margin']:.4f}")
         plot_metrics(metrics_logger.path, CURVES, png_path, title="reward model")
+        card = {}
+        if args.train_split == GOLD_SPLIT:
+            card = {"title": f"gold reward model from {Path(resolve_model_name(args.model)).name}", "note": GOLD_NOTE}
         save_pretrained_atomic(
             out_dir,
             trainer.model,
@@ -472,9 +487,14 @@ def main(args):
                 "metrics.jsonl": lambda p: shutil.copy(metrics_logger.path, p),
                 png_path.name: lambda p: shutil.copy(png_path, p),
                 "args.json": lambda p: save_args(args, p),
+                "README.md": card_writer(
+                    "reward_model", args, results, "reward_model_training.py", TINY, curves=png_path.name, **card
+                ),
             },
         )
         print(f"wrote {out_dir}")
+        if args.push_to_hub:
+            push_folder(out_dir, args.push_to_hub)
 
 
 if __name__ == "__main__":

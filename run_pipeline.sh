@@ -21,6 +21,7 @@ evaluate_models.py (stages: data reward gold ppo grpo dpo eval), and stops at th
 
   --FLAG VALUE        goes to every stage: --preset, --work_dir, --seed, --model, ...
   --STAGE.FLAG VALUE  goes to one stage only: --ppo.total_steps 5, --dpo.max_steps 40, --eval.num_prompts 50
+  --report_to T       the training stages' experiment trackers: tensorboard, wandb, trackio, or a comma list
   --from STAGE        start at STAGE; the earlier stages' outputs must be in --work_dir already
   --only STAGE        run STAGE alone
   --jobs N            run up to N stages at once where their inputs are ready (reward, gold and dpo need
@@ -62,6 +63,16 @@ while (($#)); do
         jobs=${word#--jobs=}
       fi
       [[ $jobs =~ ^[1-9][0-9]*$ ]] || die "--jobs needs a positive number of stages, got '$jobs'"
+      continue
+      ;;
+    --report_to | --report_to=*) # a training script's flag: the data and eval stages have no trackers
+      value=${word#--report_to=}
+      if [[ $word == --report_to ]]; then
+        (($#)) || die "--report_to needs a tracker list (tensorboard, wandb, trackio)"
+        value=$1
+        shift
+      fi
+      for stage in reward gold ppo grpo dpo; do STAGE_ARGS[$stage]+=" --report_to $(printf '%q' "$value")"; done
       continue
       ;;
     --from | --only)

@@ -24,14 +24,19 @@ SAMPLE = REPO.parent / "shared" / "hh-rlhf-sample" / "harmless-base-test-first50
 SCRIPT_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
-def run_script(script, *argv, check=True, timeout=900):
-    """Run a pipeline script in a subprocess, as a user would; returns the CompletedProcess."""
+# The session's reward model and pipeline log to TensorBoard too (test_tracking.py reads the events back)
+TRACKED = ["--report_to", "tensorboard"]
+
+
+def run_script(script, *argv, check=True, timeout=900, env=None):
+    """Run a pipeline script in a subprocess, as a user would (`env`: instead of SCRIPT_ENV); returns the
+    CompletedProcess."""
     proc = subprocess.run(
         [sys.executable, str(REPO / script), *map(str, argv)],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=SCRIPT_ENV,
+        env=SCRIPT_ENV if env is None else env,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -129,9 +134,9 @@ def tiny_data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_reward_dir(tiny_data_dir):
-    """The same work dir after `reward_model_training.py --preset tiny` (trained once per session)."""
+    """The same work dir after `reward_model_training.py --preset tiny --report_to tensorboard` (once per session)."""
     if not (tiny_data_dir / "final_reward_model" / "config.json").exists():
-        run_script("reward_model_training.py", "--preset", "tiny", "--work_dir", tiny_data_dir)
+        run_script("reward_model_training.py", "--preset", "tiny", "--work_dir", tiny_data_dir, *TRACKED)
     return tiny_data_dir
 
 
@@ -147,12 +152,22 @@ def work(tiny_reward_dir, tmp_path):
 def tiny_pipeline(tiny_reward_dir, tmp_path_factory):
     """`bash run_pipeline.sh --preset tiny` as the README's demo runs it, once per session: on the session's data
     and reward model, the rest of it (`--from gold`: the gold reward model, PPO, GRPO, DPO side by side, then the
-    evaluation with its frontier). The learning tests read what it leaves; none of them writes into it."""
+    evaluation with its frontier), logging to TensorBoard. The learning tests read what it leaves; none writes into it."""
     work = tmp_path_factory.mktemp("tiny_pipeline")
     for name in ("processed_data", "final_reward_model"):
         (work / name).symlink_to(tiny_reward_dir / name)
     proc = subprocess.run(
-        ["bash", str(REPO / "run_pipeline.sh"), "--preset", "tiny", "--work_dir", str(work), "--from", "gold"],
+        [
+            "bash",
+            str(REPO / "run_pipeline.sh"),
+            "--preset",
+            "tiny",
+            "--work_dir",
+            str(work),
+            "--from",
+            "gold",
+            *TRACKED,
+        ],
         capture_output=True,
         text=True,
         timeout=1500,
