@@ -516,10 +516,10 @@ def main(args):
             f"best held-out reward {best['eval/reward']:.4f} at step {best['step']} -> {args.work_dir}/{GRPO_BEST_DIR}"
         )
         print(f"final policy -> {args.work_dir}/{GRPO_FINAL_DIR}")
-    accelerator.end_training()
+    accelerator.wait_for_everyone()
     if is_main and args.push_to_hub:  # the policy evaluate_models.py reports as GRPO
         push_folder(Path(args.work_dir) / GRPO_BEST_DIR, args.push_to_hub)
-    accelerator.wait_for_everyone()
+    accelerator.end_training()  # the trackers' last records; under accelerate launch, the process group's end
     return unwrap(policy)
 
 

@@ -158,10 +158,10 @@ def run(main, args_cls, tiny=None, checkpoint=None):
     started = time.time()
     try:
         check_work_dir(args.work_dir)
-        if isinstance(args, TrainArgs):  # before any training: a missing tracker or Hub token is one line now
+        use_cache_if_hub_unreachable(args)
+        if isinstance(args, TrainArgs):  # before any training: a missing tracker or a Hub problem is one line now
             trackers(args)
             check_push(args)
-        use_cache_if_hub_unreachable(args)
         main(args)
     except UserError as e:
         sys.exit(f"error: {e}")
@@ -1071,23 +1071,43 @@ def start_tracking(accelerator, args, run_dir, run_name, resume_step):
         run_id = tracker_run_id(run_dir, resume_step is not None)
         kwargs = {
             "tensorboard": {"purge_step": None if resume_step is None else resume_step + 1},
-            "wandb": {"name": run_name, "dir": str(run_dir), "id": run_id, "resume": "allow"},
+            "wandb": {"name": f"{run_name}-{run_id}", "dir": str(run_dir), "id": run_id, "resume": "allow"},
             "trackio": {"name": f"{run_name}-{run_id}", "resume": "allow"},
         }
     for tracker in accelerator.log_with:  # make_accelerator's TensorBoard tracker: its writer is made just below
         if isinstance(tracker, TensorBoardTracker):
             tracker.init_kwargs |= kwargs.pop("tensorboard", {})
-    accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(args), init_kwargs=kwargs)
+    config = tracker_config(args) if resume_step is None else None  # a resumed run has its config already
+    try:
+        accelerator.init_trackers(TRACKER_PROJECT, config=config, init_kwargs=kwargs)
+    except Exception as e:  # no login, no network: wandb's own words, in one line
+        raise UserError(
+            f"--report_to {args.report_to}: a tracker did not start ({first_line(e)}){WANDB_HINT}"
+        ) from None
+
+
+WANDB_HINT = "; WANDB_MODE=offline keeps a wandb run on disk (`wandb sync` uploads it later)"
+
+
+def tracker_errors(args):
+    """What a tracker raises when it cannot start (wandb: no login, no network), for an `except` around
+    Trainer's training, which starts them: a one-line error, not a traceback."""
+    if "wandb" not in trackers(args):
+        return ()
+    import wandb
+
+    return (wandb.errors.Error,)
 
 
 def trainer_tracking(args, run_dir, run_name, resume_step, is_main):
     """--report_to for the reward model's Trainer, through its own integrations: the same folders, project, run
-    name and run id as `start_tracking`. Returns (report_to, callbacks): TensorBoard's callback comes with a
-    writer that purges what a killed run logged past `resume_step`, its checkpoint's step."""
+    name and run id as `start_tracking`. Returns (report_to, callbacks, run name): TensorBoard's callback comes
+    with a writer that purges what a killed run logged past `resume_step`, its checkpoint's step."""
     names = trackers(args)
     callbacks = []
     if names and is_main:  # Trainer's trackers log from the main process only
         run_id = tracker_run_id(run_dir, resume_step is not None)
+        run_name = f"{run_name}-{run_id}"  # Trainer names the wandb and the trackio run after it
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(run_dir) / TENSORBOARD_DIR)
         os.environ.update(WANDB_PROJECT=TRACKER_PROJECT, WANDB_DIR=str(run_dir), WANDB_RUN_ID=run_id)
         os.environ["WANDB_RESUME"] = "allow"
@@ -1102,7 +1122,7 @@ def trainer_tracking(args, run_dir, run_name, resume_step, is_main):
             purge = None if resume_step is None else resume_step + 1
             writer = SummaryWriter(os.environ["TENSORBOARD_LOGGING_DIR"], purge_step=purge)
             callbacks = [TensorBoardCallback(writer)]
-    return [name for name in names if name != "tensorboard"] or "none", callbacks
+    return [name for name in names if name != "tensorboard"] or "none", callbacks, run_name
 
 
 BASE_LICENSES = {"gpt2": "mit", "gpt2-medium": "mit", "gpt2-large": "mit", "gpt2-xl": "mit", "distilgpt2": "apache-2.0"}
@@ -1169,14 +1189,21 @@ def flatten(results, prefix=""):
     return flat
 
 
+def shown(value):
+    """A setting as a card shows it: an absolute path by its name only (a card is published; a path is this
+    machine's)."""
+    return Path(value).name if isinstance(value, str) and os.path.isabs(value) else value
+
+
 def command_line(script, args, tiny=None):
-    """The command that remakes `args`: the preset, the work dir, and every flag that is not the preset's default."""
+    """The command that remakes `args`: the preset, the work dir, and every flag that is not the preset's default
+    (--resume aside: the remade run starts afresh)."""
     defaults = parse_args(type(args), tiny, ["--preset", args.preset])
-    words = ["python", script, "--preset", args.preset, "--work_dir", str(args.work_dir)]
+    words = ["python", script, "--preset", args.preset, "--work_dir", str(shown(args.work_dir))]
     for f in fields(args):
         value = getattr(args, f.name)
-        if f.name not in ("preset", "work_dir") and value != getattr(defaults, f.name):
-            words += [f"--{f.name}"] if value is True else [f"--{f.name}", str(value)]
+        if f.name not in ("preset", "work_dir", "resume") and value != getattr(defaults, f.name):
+            words += [f"--{f.name}"] if value is True else [f"--{f.name}", str(shown(value))]
     return shlex.join(words)
 
 
@@ -1187,7 +1214,8 @@ def model_card(method, args, results, script, tiny=None, curves=None, title=None
 
     name, task, tags, what, headline = CARDS[method]
     base = resolve_model_name(args.model)
-    base_name = Path(base).name if Path(base).exists() else base  # a local folder: its name, never the path
+    base_on_hub = not Path(base).exists()
+    base_name = base if base_on_hub else Path(base).name  # a local folder: its name, never the path
     is_tiny = args.preset == "tiny" or base_name == TINY_MODEL_DIR.name
     stats_path = Path(args.work_dir) / PROCESSED_DIR / "stats.json"
     dataset = json.loads(stats_path.read_text())["dataset"] if stats_path.exists() else PRESETS[args.preset]["dataset"]
@@ -1197,8 +1225,8 @@ def model_card(method, args, results, script, tiny=None, curves=None, title=None
     flat = flatten(results)
     data = ModelCardData(
         model_name=title,
-        base_model=base_name,
-        datasets=[dataset] if on_hub else None,  # a local data set has no hub id: the text below names it
+        base_model=base_name if base_on_hub else None,  # the Hub refuses a card whose base or data is no hub id:
+        datasets=[dataset] if on_hub else None,  # a local folder is named in the text instead
         library_name="transformers",
         license=BASE_LICENSES.get(base_name, "other"),
         pipeline_tag=task,
@@ -1218,7 +1246,7 @@ def model_card(method, args, results, script, tiny=None, curves=None, title=None
         ]
         or None,
     )
-    settings = [f"| `{k}` | `{v}` |" for k, v in tracker_config(args).items()]
+    settings = [f"| `{k}` | `{shown(v)}` |" for k, v in tracker_config(args).items()]
     figures = [f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in flat.items()]
     body = [f"# {title}", "", what + (f" {note}" if note else ""), ""]
     if is_tiny:
@@ -1231,10 +1259,13 @@ def model_card(method, args, results, script, tiny=None, curves=None, title=None
     source = (
         f"[{dataset}](https://huggingface.co/datasets/{dataset})" if on_hub else f"the local data set `{dataset_name}`"
     )
+    base_text = (
+        f"[{base_name}](https://huggingface.co/{base_name})" if base_on_hub else f"the local model `{base_name}`"
+    )
     body += [
         "## Method",
         "",
-        f"Base model `{base_name}`; data: {source} (format of {PAPERS['hh-rlhf']}). Method: {PAPERS[method]}.",
+        f"Base model: {base_text}; data: {source} (format of {PAPERS['hh-rlhf']}). Method: {PAPERS[method]}.",
         "",
         "## How it was made",
         "",
@@ -1275,12 +1306,16 @@ def add_evaluation_to_card(folder, table, command):
     if not path.exists():
         print(f"{folder} has no model card (saved before cards were written): its summary row is not added")
         return
-    card = ModelCard.load(path)
-    text = card.text.split(f"\n{EVALUATION_HEADING}\n")[0].rstrip()
-    section = f"{EVALUATION_HEADING}\n\nOn the same held-out prompts as base, from `{command}`:\n\n{table}\n"
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    ModelCard(f"---\n{card.data.to_yaml()}\n---\n{text}\n\n{section}").save(tmp)
-    os.replace(tmp, path)
+    try:
+        card = ModelCard.load(path)
+        text = card.text.split(f"\n{EVALUATION_HEADING}\n")[0].rstrip()
+        section = f"{EVALUATION_HEADING}\n\nOn the same held-out prompts as base, from `{command}`:\n\n{table}\n"
+        ModelCard(f"---\n{card.data.to_yaml()}\n---\n{text}\n\n{section}").save(tmp)
+        os.replace(tmp, path)
+    except (OSError, ValueError) as e:  # a read-only folder, a card edited by hand into bad YAML
+        tmp.unlink(missing_ok=True)
+        print(f"{path}: its summary row is not added ({first_line(e)})")
 
 
 def check_push(args):
@@ -1294,10 +1329,16 @@ def check_push(args):
         validate_repo_id(args.push_to_hub)
     except HFValidationError as e:
         raise UserError(f"--push_to_hub {args.push_to_hub!r}: {first_line(e)}") from None
+    check(not offline(), "--push_to_hub: the Hub is offline here (HF_HUB_OFFLINE=1, or it cannot be reached)")
     check(
         huggingface_hub.get_token(),
         "--push_to_hub: no Hugging Face token: set HF_TOKEN or run `hf auth login` (the upload follows the training)",
     )
+    try:  # a wrong token fails now, not after the training
+        user = huggingface_hub.whoami()["name"]
+    except Exception as e:
+        raise UserError(f"--push_to_hub: the Hub did not accept the token ({first_line(e)})") from None
+    print(f"--push_to_hub {args.push_to_hub}: logged in to the Hub as {user}; the upload follows the training")
 
 
 def push_folder(folder, repo_id):
@@ -1311,8 +1352,9 @@ def push_folder(folder, repo_id):
             folder_path=str(folder), repo_id=repo_id, commit_message=f"{Path(folder).name} from rlhf-gpt2"
         )
     except Exception as e:  # network, authentication, permission: the saved folder is intact either way
+        reason = first_line(e) + (f" {e.server_message}" if getattr(e, "server_message", None) else "")
         raise UserError(
-            f"--push_to_hub {repo_id}: the upload failed ({first_line(e)}); the model is saved in {folder}: "
+            f"--push_to_hub {repo_id}: the upload failed ({reason}); the model is saved in {folder}: "
             f"upload it later with `hf upload {repo_id} {folder}`"
         ) from None
     print(f"uploaded {folder} to {url}")

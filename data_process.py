@@ -113,7 +113,11 @@ def main(args):
         print(f"{args.dataset} has no test split: holding out 10% of its pairs as test")
         raw = raw["train"].train_test_split(test_size=0.1, seed=args.seed)
 
-    stats = {"base_model": resolve_model_name(args.model), "dataset": args.dataset, "filter_scope": args.filter_scope}
+    stats = {
+        "base_model": resolve_model_name(args.model),
+        "dataset": resolve_model_name(args.dataset),
+        "filter_scope": args.filter_scope,
+    }
     stats |= {"char_limit": args.char_limit, "max_length": args.max_length, "rows_read": {}, "rows_dropped": {}}
     splits = {}
     for split, subset in (("train", args.train_subset), ("test", args.test_subset)):

@@ -66,6 +66,7 @@ from common import (
     PROCESSED_DIR,
     REWARD_MODEL_DIR,
     TRACKER_PROJECT,
+    WANDB_HINT,
     MetricsLogger,
     TrainArgs,
     UserError,
@@ -87,6 +88,7 @@ from common import (
     save_args,
     save_pretrained_atomic,
     set_seed,
+    tracker_errors,
     trainer_tracking,
     use_bf16,
 )
@@ -396,7 +398,9 @@ def main(args):
         print(f"a reward model: {args.model} with a new score head (a linear layer to one number, random at first)")
     model.config.pad_token_id = tokenizer.pad_token_id
 
-    report_to, tracker_callbacks = trainer_tracking(args, run_dir, run_name, resume_step, processes.is_main_process)
+    report_to, tracker_callbacks, tracker_run = trainer_tracking(
+        args, run_dir, run_name, resume_step, processes.is_main_process
+    )
     training_args = TrainingArguments(
         output_dir=str(run_dir),
         num_train_epochs=args.num_train_epochs,
@@ -422,7 +426,7 @@ def main(args):
         remove_unused_columns=False,  # our columns are not arguments of model.forward
         dataloader_pin_memory=torch.cuda.is_available(),
         report_to=report_to,  # Trainer's own integrations
-        run_name=run_name,
+        run_name=tracker_run,
         project=TRACKER_PROJECT,
         seed=args.seed,
     )
@@ -458,7 +462,12 @@ def main(args):
     if finished:
         trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
     else:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if args.resume else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if args.resume else None)
+        except tracker_errors(args) as e:  # Trainer starts the trackers: wandb without a login, say
+            raise UserError(
+                f"--report_to {args.report_to}: a tracker did not start ({first_line(e)}){WANDB_HINT}"
+            ) from None
 
     # final evaluation on the held-out test split
     test = trainer.evaluate(data["test"], metric_key_prefix="test")

@@ -13,6 +13,7 @@ import time
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
+import numpy
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,6 +75,32 @@ def same_records(a, b):
         return [{k: v for k, v in r.items() if k not in ("time/elapsed_s", "mem/peak_mb")} for r in records]
 
     return strip(read_metrics(a)) == strip(read_metrics(b))
+
+
+def tensorboard_scalars(folder):
+    """{tag: {step: value}} of the event files in `folder`, read with TensorBoard's own reader (which drops the
+    events a resumed run logs again)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+
+
+def assert_same_as_metrics(scalars, records, skip=()):
+    """Every number of every metrics.jsonl record is in `scalars` at its step, equal as float32 (TensorBoard's
+    type); and the tracker holds no step the log does not."""
+    for record in records:
+        for key, value in record.items():
+            if key == "step" or key in skip or not isinstance(value, (int, float)):
+                continue
+            assert key in scalars, f"{key} is not in the events"
+            assert record["step"] in scalars[key], f"{key}: no event at step {record['step']}"
+            assert scalars[key][record["step"]] == numpy.float32(value), (key, record["step"])
+    logged = {key: {r["step"] for r in records if key in r} for key in scalars}
+    for key, steps in scalars.items():
+        if logged[key]:  # Trainer's own timings (eval/runtime, ...) are not in our log
+            assert set(steps) == logged[key], key
 
 
 def snapshot_weights(run_dir):

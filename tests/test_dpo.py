@@ -8,7 +8,14 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, assert_same_snapshots, pipeline_output, pipeline_summary
+from conftest import (
+    REPO,
+    assert_same_as_metrics,
+    assert_same_snapshots,
+    pipeline_output,
+    pipeline_summary,
+    tensorboard_scalars,
+)
 from safetensors.torch import load_file
 
 import common
@@ -293,6 +300,7 @@ def test_two_processes_train_identical_weights(tiny_data_dir, tmp_path):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(driver)]
     argv = ["--preset", "tiny", "--work_dir", str(work), *map(str, SHORT), "--max_steps", "3", "--logging_steps", "1"]
+    argv += ["--report_to", "tensorboard"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(launch + argv, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -307,6 +315,10 @@ def test_two_processes_train_identical_weights(tiny_data_dir, tmp_path):
     records = common.read_metrics(work / "runs/dpo/metrics.jsonl")
     lr = dpo.TINY["learning_rate"]
     assert [r["train/learning_rate"] for r in records] == pytest.approx([lr * 2 / 3, lr / 3, 0.0])
+    # the main process alone logs to the trackers: one event file, the same records
+    events = list((work / "runs/dpo" / common.TENSORBOARD_DIR).glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    assert_same_as_metrics(tensorboard_scalars(events[0].parent), records)
 
 
 @pytest.mark.slow

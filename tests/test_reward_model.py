@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, run_script
+from conftest import REPO, assert_same_as_metrics, run_script, tensorboard_scalars
 from transformers import AutoModelForSequenceClassification, TrainingArguments
 
 import common
@@ -278,6 +278,7 @@ def test_ctrl_c_then_resume_continues_from_the_last_checkpoint(tmp_path, tiny_da
     work = work_dir_with_data(tmp_path, tiny_data_dir)
     run_dir = work / "runs" / "reward_model"
     argv = [*FAST, "--work_dir", work, "--save_steps", "2", "--eval_steps", "1000", "--logging_steps", "1"]
+    argv += ["--report_to", "tensorboard"]
     # a run far too long to finish: interrupt it once a checkpoint is complete, as Ctrl-C would
     # output to files, not pipes: a full pipe would block the child before its first checkpoint
     with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
@@ -309,6 +310,11 @@ def test_ctrl_c_then_resume_continues_from_the_last_checkpoint(tmp_path, tiny_da
         r["step"] for r in common.read_metrics(work / common.REWARD_MODEL_DIR / "metrics.jsonl") if "train/loss" in r
     ]
     assert steps == list(range(1, interrupted_at + 4))
+    # TensorBoard too: what the interrupted run logged past its checkpoint (on a 1000-step schedule) is purged
+    records = common.read_metrics(work / common.REWARD_MODEL_DIR / "metrics.jsonl")
+    scalars = tensorboard_scalars(run_dir / common.TENSORBOARD_DIR)
+    assert_same_as_metrics(scalars, records, skip=("time/elapsed_s", "tokens/processed", "mem/peak_mb"))
+    assert sorted(scalars["train/learning_rate"]) == list(range(1, interrupted_at + 4))
 
 
 def test_resume_without_a_checkpoint_is_a_one_line_error(tmp_path, tiny_data_dir):

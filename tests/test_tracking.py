@@ -6,14 +6,13 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import struct
 import sys
+from http.server import BaseHTTPRequestHandler
 
-import numpy as np
 import pandas as pd
 import pytest
-from conftest import SCRIPT_ENV, run_script
+from conftest import SCRIPT_ENV, assert_same_as_metrics, run_script, serve, tensorboard_scalars
 from huggingface_hub import ModelCard
 
 import common
@@ -32,32 +31,6 @@ from common import (
 COST_KEYS = ("time/elapsed_s", "tokens/processed", "mem/peak_mb")  # ours, beside Trainer's logs
 DPO_QUICK = ["--preset", "tiny", "--max_train_samples", 32, "--max_eval_samples", 8]
 DPO_QUICK += ["--per_device_train_batch_size", 4, "--max_steps", 4, "--eval_steps", 2, "--logging_steps", 1]
-
-
-def tensorboard_scalars(folder):
-    """{tag: {step: value}} of the event files in `folder`, read with TensorBoard's own reader (which drops the
-    events a resumed run logs again)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
-    events.Reload()
-    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
-
-
-def assert_same_as_metrics(scalars, records, skip=()):
-    """Every number of every metrics.jsonl record is in `scalars` at its step, equal as float32 (TensorBoard's
-    type); and the tracker holds no step the log does not."""
-    for record in records:
-        for key, value in record.items():
-            if key == "step" or key in skip or not isinstance(value, (int, float)):
-                continue
-            assert key in scalars, f"{key} is not in the events"
-            assert record["step"] in scalars[key], f"{key}: no event at step {record['step']}"
-            assert scalars[key][record["step"]] == np.float32(value), (key, record["step"])
-    logged = {key: {r["step"] for r in records if key in r} for key in scalars}
-    for key, steps in scalars.items():
-        if logged[key]:  # Trainer's own timings (eval/runtime, ...) are not in our log
-            assert set(steps) == logged[key], key
 
 
 def test_every_training_run_logs_metrics_jsonl_to_tensorboard(tiny_reward_dir, tiny_pipeline):
@@ -146,7 +119,9 @@ def test_wandb_offline_holds_the_metrics_and_the_settings(tiny_data_dir, tmp_pat
             config |= {key(item): json.loads(item.value_json) for item in record.config.update}
         elif kind == "run":
             runs.append(record.run)
-    assert [(r.project, r.display_name, r.run_id) for r in runs][:1] == [(common.TRACKER_PROJECT, "dpo", run_id)]
+    assert [(r.project, r.display_name, r.run_id) for r in runs][:1] == [
+        (common.TRACKER_PROJECT, f"dpo-{run_id}", run_id)
+    ]
     records = common.read_metrics(work / "runs" / "dpo" / "metrics.jsonl")
     assert [h["_step"] for h in history] == [r["step"] for r in records]
     for logged, record in zip(history, records):
@@ -184,6 +159,14 @@ def test_trackio_when_not_installed_is_refused_before_any_work(tmp_path):
     assert proc.stderr.strip() == "error: --report_to trackio: trackio is not installed (pip install trackio)"
 
 
+METHODS = {
+    REWARD_MODEL_DIR: "reward_model",
+    GOLD_REWARD_MODEL_DIR: "reward_model",
+    PPO_DIR: "ppo",
+    GRPO_BEST_DIR: "grpo",
+    GRPO_FINAL_DIR: "grpo",
+    DPO_DIR: "dpo",
+}
 CARDS = {  # folder: (method tag, title start, whether evaluate_models.py adds its summary row)
     REWARD_MODEL_DIR: ("reward-model", "reward model from tiny_gpt2", False),
     GOLD_REWARD_MODEL_DIR: ("reward-model", "gold reward model from tiny_gpt2", False),
@@ -200,21 +183,27 @@ def test_every_model_folder_has_a_card_with_its_own_figures(tiny_pipeline):
         path = tiny_pipeline / folder
         card = ModelCard.load(path / "README.md")
         data = card.data.to_dict()
-        assert data["base_model"] == "tiny_gpt2" and data["library_name"] == "transformers", folder
-        assert data["license"] == "mit" and "datasets" not in data  # the bundled data has no hub id
+        assert data["library_name"] == "transformers" and data["license"] == "mit", folder
+        # the Hub refuses a card whose base or data is not a hub id: the tiny ones are named in the text
+        assert "base_model" not in data and "datasets" not in data, folder
+        assert "Base model: the local model `tiny_gpt2`; data: the local data set `tiny_hh`" in card.text
         assert {tag, "rlhf", "tiny-preset"} <= set(data["tags"]), folder
         assert card.data.model_name.startswith(title), (folder, card.data.model_name)
         # the figures: every number of eval_results.json in the table, the headline ones in model-index as stored
         results = common.flatten(json.loads((path / "eval_results.json").read_text()))
         assert results and card.data.eval_results, folder
+        headline = {name: key for key, _, name in common.CARDS[METHODS[folder]][4]}
+        assert [r.metric_name for r in card.data.eval_results] == [n for n, k in headline.items() if k in results]
         for result in card.data.eval_results:
-            assert result.metric_value in results.values(), (folder, result.metric_name)
+            assert result.metric_value == results[headline[result.metric_name]], (folder, result.metric_name)
         for key, value in results.items():
             shown = f"{value:.4g}" if isinstance(value, float) else str(value)
             assert f"| `{key}` | {shown} |" in card.text, (folder, key)
         # what made it, and the curves beside it
         args = json.loads((path / "args.json").read_text())
-        assert f"--work_dir {args['work_dir']}" in card.text and f"| `seed` | `{args['seed']}` |" in card.text
+        work_dir = os.path.basename(args["work_dir"])  # a card is published: no path of this machine in it
+        assert f"--work_dir {work_dir}" in card.text and f"| `seed` | `{args['seed']}` |" in card.text
+        assert args["work_dir"] not in card.text and str(common.REPO_DIR) not in card.text, folder
         (png,) = [name for name in os.listdir(path) if name.endswith("_curves.png")]
         assert f"![training curves]({png})" in card.text
         assert "> **Tiny preset.**" in card.text
@@ -240,7 +229,8 @@ def test_a_gpt2_card_names_the_hub_model_and_data_and_a_rerun_evaluation_replace
     assert card.data.base_model == "gpt2" and card.data.datasets == ["Anthropic/hh-rlhf"]
     assert card.data.license == "mit" and "tiny-preset" not in card.data.tags and "Tiny preset" not in card.text
     assert [(r.metric_type, r.metric_value) for r in card.data.eval_results] == [("reward", 1.25), ("kl", 3.5)]
-    assert "python PPO_training.py --preset gpt2 --work_dir " + str(tmp_path) + " --total_steps 900\n" in card.text
+    assert f"python PPO_training.py --preset gpt2 --work_dir {tmp_path.name} --total_steps 900\n" in card.text
+    assert "[gpt2](https://huggingface.co/gpt2)" in card.text and str(tmp_path) not in card.text
     for table in ("| figure | base | ppo |\n| `kl_mean` | 0 | 1 |", "| figure | base | ppo |\n| `kl_mean` | 0 | 2 |"):
         common.add_evaluation_to_card(tmp_path, table, "python evaluate_models.py --preset gpt2")
     card = ModelCard.load(tmp_path / "README.md")
@@ -248,43 +238,85 @@ def test_a_gpt2_card_names_the_hub_model_and_data_and_a_rerun_evaluation_replace
     assert card.data.eval_results[0].metric_value == 1.25  # the metadata kept
 
 
-def closed_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class FakeHub(BaseHTTPRequestHandler):
+    """The Hub's answers a push meets: who the token is (a 401 for `hf_wrong`), a refused create_repo, no repo."""
+
+    def reply(self, status, body):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if not self.path.startswith("/api/whoami"):  # create_repo's look for a repo that already exists
+            return self.reply(404, {"error": "Repository not found"})
+        if "hf_wrong" in self.headers.get("authorization", ""):
+            return self.reply(401, {"error": "Invalid credentials in Authorization header"})
+        self.reply(200, {"type": "user", "name": "someone", "auth": {"type": "access_token"}})
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.reply(403, {"error": 'You don\'t have the rights to create a model under the namespace "someone"'})
+
+    def log_message(self, *args):
+        pass
 
 
-def test_push_to_hub_checks_its_repo_and_token_before_training(tmp_path):
-    env = {k: v for k, v in SCRIPT_ENV.items() if k != "HF_TOKEN"} | {"HF_HOME": str(tmp_path / "hf")}
-    for repo, message in [
-        ("not a/valid/repo", "error: --push_to_hub 'not a/valid/repo': "),
-        ("someone/tiny-dpo", "error: --push_to_hub: no Hugging Face token: set HF_TOKEN or run `hf auth login`"),
+@pytest.fixture
+def fake_hub():
+    server, url = serve(FakeHub)
+    yield url.removesuffix("/v1")
+    server.shutdown()
+
+
+def test_push_to_hub_checks_its_repo_its_token_and_the_hub_before_training(tmp_path, fake_hub):
+    online = {k: v for k, v in SCRIPT_ENV.items() if k not in ("HF_TOKEN", "HF_HUB_OFFLINE")}
+    online |= {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": fake_hub}
+    for repo, env, message in [
+        ("not a/valid/repo", online, "error: --push_to_hub 'not a/valid/repo': "),
+        ("someone/tiny-dpo", SCRIPT_ENV, "error: --push_to_hub: the Hub is offline here (HF_HUB_OFFLINE=1"),
+        (
+            "someone/tiny-dpo",
+            online,
+            "error: --push_to_hub: no Hugging Face token: set HF_TOKEN or run `hf auth login`",
+        ),
+        (
+            "someone/tiny-dpo",
+            online | {"HF_TOKEN": "hf_wrong"},
+            "error: --push_to_hub: the Hub did not accept the token",
+        ),
     ]:
         argv = [*DPO_QUICK, "--work_dir", tmp_path / "work", "--push_to_hub", repo]
         proc = run_script("DPO_training.py", *argv, check=False, env=env)
         assert proc.returncode == 1 and proc.stderr.startswith(message) and proc.stderr.count("\n") == 1, proc.stderr
+        assert "hf_wrong" not in proc.stdout + proc.stderr
     assert not (tmp_path / "work" / "runs").exists()
 
 
 @pytest.mark.slow
-def test_a_failed_upload_is_one_line_and_leaves_the_saved_folder(tiny_data_dir, tmp_path):
+def test_a_failed_upload_is_one_line_and_leaves_the_saved_folder(tiny_data_dir, tmp_path, fake_hub):
     work = tmp_path / "work"
     work.mkdir()
     (work / PROCESSED_DIR).symlink_to(tiny_data_dir / PROCESSED_DIR)
-    env = {**SCRIPT_ENV, "HF_TOKEN": "hf_not_a_real_token", "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"}
-    env.pop("HF_HUB_OFFLINE")
-    proc = run_script(
-        "DPO_training.py", *DPO_QUICK, "--work_dir", work, "--push_to_hub", "someone/tiny-dpo", check=False, env=env
-    )
+    env = {k: v for k, v in SCRIPT_ENV.items() if k != "HF_HUB_OFFLINE"}
+    env |= {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": fake_hub, "HF_TOKEN": "hf_not_a_real_token"}
+    argv = [*DPO_QUICK, "--work_dir", work, "--push_to_hub", "someone/tiny-dpo"]
+    proc = run_script("DPO_training.py", *argv, check=False, env=env)
     assert proc.returncode == 1
+    assert (
+        "--push_to_hub someone/tiny-dpo: logged in to the Hub as someone; the upload follows the training"
+        in proc.stdout
+    )
     last = proc.stderr.strip().splitlines()[-1]  # after the training's progress bars
     assert last.startswith("error: --push_to_hub someone/tiny-dpo: the upload failed ("), proc.stderr[-2000:]
+    assert "403" in last and "rights to create a model" in last
     assert last.endswith(
         f"the model is saved in {work / DPO_DIR}: upload it later with `hf upload someone/tiny-dpo {work / DPO_DIR}`"
     )
-    assert "Traceback" not in proc.stderr
-    assert "hf_not_a_real_token" not in proc.stdout + proc.stderr
-    assert ModelCard.load(work / DPO_DIR / "README.md").data.base_model == "tiny_gpt2"
+    assert "Traceback" not in proc.stderr and "hf_not_a_real_token" not in proc.stdout + proc.stderr
+    assert ModelCard.load(work / DPO_DIR / "README.md").data.model_name == "DPO policy from tiny_gpt2"
 
 
 def test_push_to_hub_sends_the_finished_folder_with_its_card(tiny_pipeline, tmp_path, monkeypatch):
