@@ -132,6 +132,27 @@ def test_wandb_offline_holds_the_metrics_and_the_settings(tiny_data_dir, tmp_pat
     assert "wandb sync" in proc.stdout + proc.stderr  # wandb says how to upload the offline run later
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["reward_model_training.py", "DPO_training.py"])
+def test_wandb_without_a_login_is_one_line_with_the_offline_hint(tiny_data_dir, tmp_path, script):
+    pytest.importorskip("wandb")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / PROCESSED_DIR).symlink_to(tiny_data_dir / PROCESSED_DIR)
+    env = {k: v for k, v in SCRIPT_ENV.items() if not k.startswith("WANDB_")} | {"HOME": str(tmp_path)}
+    quick = (
+        DPO_QUICK if script == "DPO_training.py" else ["--preset", "tiny", "--max_steps", 2, "--max_eval_samples", 8]
+    )
+    proc = run_script(script, *quick, "--work_dir", work, "--report_to", "wandb", check=False, env=env)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --report_to wandb: a tracker did not start (") and "API key" in last, proc.stderr[
+        -3000:
+    ]
+    assert last.endswith("; WANDB_MODE=offline keeps a wandb run on disk (`wandb sync` uploads it later)")
+    assert "Traceback" not in proc.stderr
+
+
 def test_a_tracker_that_is_not_installed_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
     import PPO_training as ppo
 
