@@ -588,9 +588,9 @@ def main(args):
         )
         print(f"wrote {Path(args.work_dir) / DPO_DIR}")
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # the trackers' last records written; under accelerate launch, the process group ended
     if is_main and args.push_to_hub:
         push_folder(Path(args.work_dir) / DPO_DIR, args.push_to_hub)
-    accelerator.end_training()  # the trackers' last records; under accelerate launch, the process group's end
     return unwrap(policy)
 
 

@@ -517,9 +517,9 @@ def main(args):
         )
         print(f"final policy -> {args.work_dir}/{GRPO_FINAL_DIR}")
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # the trackers' last records written; under accelerate launch, the process group ended
     if is_main and args.push_to_hub:  # the policy evaluate_models.py reports as GRPO
         push_folder(Path(args.work_dir) / GRPO_BEST_DIR, args.push_to_hub)
-    accelerator.end_training()  # the trackers' last records; under accelerate launch, the process group's end
     return unwrap(policy)
 
 

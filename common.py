@@ -1323,6 +1323,7 @@ def check_push(args):
     if not args.push_to_hub:
         return
     import huggingface_hub
+    from huggingface_hub import HfApi
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
@@ -1335,7 +1336,7 @@ def check_push(args):
         "--push_to_hub: no Hugging Face token: set HF_TOKEN or run `hf auth login` (the upload follows the training)",
     )
     try:  # a wrong token fails now, not after the training
-        user = huggingface_hub.whoami()["name"]
+        user = HfApi().whoami()["name"]  # the endpoint of now (HF_ENDPOINT), not of import time
     except Exception as e:
         raise UserError(f"--push_to_hub: the Hub did not accept the token ({first_line(e)})") from None
     print(f"--push_to_hub {args.push_to_hub}: logged in to the Hub as {user}; the upload follows the training")

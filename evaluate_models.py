@@ -78,6 +78,7 @@ from common import (
     add_evaluation_to_card,
     check,
     command,
+    command_line,
     damage,
     gather_logprobs,
     generate_responses,
@@ -655,7 +656,7 @@ def main(args):
         plot_frontier(work_dir / FRONTIER_PNG, points)
         written += [FRONTIER_CSV, FRONTIER_PNG]
     for name, folder in policies.items():  # each policy's card gains its row beside base's
-        add_evaluation_to_card(folder, card_table(summary, name), command("evaluate_models.py", args))
+        add_evaluation_to_card(folder, card_table(summary, name), command_line("evaluate_models.py", args, TINY))
     oracle_columns = [c for c in summary.columns if c.startswith("oracle_")]
     for columns in ([c for c in summary.columns if c not in oracle_columns], ["model", *oracle_columns]):
         if len(columns) > 1:

@@ -96,13 +96,22 @@ def wandb_records(path):
 
 
 @pytest.mark.slow
-def test_wandb_offline_holds_the_metrics_and_the_settings(tiny_data_dir, tmp_path):
+def test_a_run_with_wandb_offline_and_a_refused_upload(tiny_data_dir, tmp_path, fake_hub):
+    """One DPO run: wandb's offline file holds metrics.jsonl and the settings; then the Hub refuses the upload,
+    after the save, in one line."""
     pytest.importorskip("wandb")  # requirements-dev.txt installs it
     work = tmp_path / "work"
     work.mkdir()
     (work / PROCESSED_DIR).symlink_to(tiny_data_dir / PROCESSED_DIR)
-    env = {**SCRIPT_ENV, "WANDB_MODE": "offline", "WANDB_API_KEY": ""}
-    proc = run_script("DPO_training.py", *DPO_QUICK, "--work_dir", work, "--report_to", "wandb,tensorboard", env=env)
+    env = {k: v for k, v in SCRIPT_ENV.items() if k != "HF_HUB_OFFLINE"} | {
+        "WANDB_MODE": "offline",
+        "WANDB_API_KEY": "",
+    }
+    env |= {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": fake_hub, "HF_TOKEN": "hf_not_a_real_token"}
+    argv = [*DPO_QUICK, "--work_dir", work, "--report_to", "wandb,tensorboard", "--push_to_hub", "someone/tiny-dpo"]
+    proc = run_script("DPO_training.py", *argv, check=False, env=env)
+
+    # wandb, offline
     run_id = json.loads((work / "runs" / "dpo" / common.TRACKER_RUN_FILE).read_text())["id"]
     (path,) = glob.glob(str(work / "runs" / "dpo" / "wandb" / "offline-run-*" / f"run-{run_id}.wandb"))
     history, config, runs = [], {}, []
@@ -128,29 +137,53 @@ def test_wandb_offline_holds_the_metrics_and_the_settings(tiny_data_dir, tmp_pat
         assert {k: v for k, v in logged.items() if not k.startswith("_")} == {
             k: v for k, v in record.items() if k != "step"
         }
-    assert config["max_steps"] == 4 and config["report_to"] == "wandb,tensorboard" and config["push_to_hub"] == "None"
+    assert config["max_steps"] == 4 and config["report_to"] == "wandb,tensorboard"
+    assert config["push_to_hub"] == "someone/tiny-dpo"
     assert "wandb sync" in proc.stdout + proc.stderr  # wandb says how to upload the offline run later
+
+    # the Hub: the token accepted before training, the upload refused after the save
+    assert proc.returncode == 1
+    assert (
+        "--push_to_hub someone/tiny-dpo: logged in to the Hub as someone; the upload follows the training"
+        in proc.stdout
+    )
+    last = proc.stderr.strip().splitlines()[-1]  # after the training's progress bars
+    assert last.startswith("error: --push_to_hub someone/tiny-dpo: the upload failed ("), proc.stderr[-2000:]
+    assert "403" in last and "rights to create a model" in last
+    assert last.endswith(
+        f"the model is saved in {work / DPO_DIR}: upload it later with `hf upload someone/tiny-dpo {work / DPO_DIR}`"
+    )
+    assert "Traceback" not in proc.stderr and "hf_not_a_real_token" not in proc.stdout + proc.stderr
+    assert ModelCard.load(work / DPO_DIR / "README.md").data.model_name == "DPO policy from tiny_gpt2"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["reward_model_training.py", "DPO_training.py"])
-def test_wandb_without_a_login_is_one_line_with_the_offline_hint(tiny_data_dir, tmp_path, script):
+def test_wandb_without_a_login_is_one_line_with_the_offline_hint(tiny_data_dir, tmp_path, monkeypatch):
+    """Trainer starts the reward model's trackers (a real run); accelerate the loops' (start_tracking, here)."""
     pytest.importorskip("wandb")
+    import DPO_training as dpo
+
     work = tmp_path / "work"
     work.mkdir()
     (work / PROCESSED_DIR).symlink_to(tiny_data_dir / PROCESSED_DIR)
     env = {k: v for k, v in SCRIPT_ENV.items() if not k.startswith("WANDB_")} | {"HOME": str(tmp_path)}
-    quick = (
-        DPO_QUICK if script == "DPO_training.py" else ["--preset", "tiny", "--max_steps", 2, "--max_eval_samples", 8]
-    )
-    proc = run_script(script, *quick, "--work_dir", work, "--report_to", "wandb", check=False, env=env)
-    assert proc.returncode == 1
+    quick = ["--preset", "tiny", "--max_steps", 2, "--max_eval_samples", 8, "--work_dir", work, "--report_to", "wandb"]
+    proc = run_script("reward_model_training.py", *quick, check=False, env=env)
+    start = "error: --report_to wandb: a tracker did not start ("
+    hint = "; WANDB_MODE=offline keeps a wandb run on disk (`wandb sync` uploads it later)"
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: --report_to wandb: a tracker did not start (") and "API key" in last, proc.stderr[
-        -3000:
-    ]
-    assert last.endswith("; WANDB_MODE=offline keeps a wandb run on disk (`wandb sync` uploads it later)")
+    assert proc.returncode == 1 and last.startswith(start) and "API key" in last and last.endswith(hint), proc.stderr
     assert "Traceback" not in proc.stderr
+
+    for name in [name for name in os.environ if name.startswith("WANDB_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no wandb settings
+    args = parse_args(dpo.Args, dpo.TINY, ["--work_dir", str(work), "--report_to", "wandb"])
+    accelerator = common.make_accelerator(args, work / "runs" / "dpo")
+    with pytest.raises(UserError) as error:
+        common.start_tracking(accelerator, args, work / "runs" / "dpo", "dpo", None)
+    message = f"error: {error.value}"
+    assert message.startswith(start) and "API key" in message and message.endswith(hint) and "\n" not in message
 
 
 def test_a_tracker_that_is_not_installed_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
@@ -292,52 +325,44 @@ def fake_hub():
     server.shutdown()
 
 
-def test_push_to_hub_checks_its_repo_its_token_and_the_hub_before_training(tmp_path, fake_hub):
-    online = {k: v for k, v in SCRIPT_ENV.items() if k not in ("HF_TOKEN", "HF_HUB_OFFLINE")}
-    online |= {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": fake_hub}
-    for repo, env, message in [
-        ("not a/valid/repo", online, "error: --push_to_hub 'not a/valid/repo': "),
-        ("someone/tiny-dpo", SCRIPT_ENV, "error: --push_to_hub: the Hub is offline here (HF_HUB_OFFLINE=1"),
+def test_push_to_hub_checks_its_repo_its_token_and_the_hub_before_training(tmp_path, fake_hub, monkeypatch):
+    import huggingface_hub.constants
+
+    import DPO_training as dpo
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", fake_hub)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    argv = ["DPO_training.py", "--preset", "tiny", "--work_dir", str(tmp_path / "work"), "--push_to_hub"]
+    for repo, offline, token, message in [
+        ("not a/valid/repo", False, None, "error: --push_to_hub 'not a/valid/repo': "),
+        ("someone/tiny-dpo", True, "hf_x", "error: --push_to_hub: the Hub is offline here (HF_HUB_OFFLINE=1"),
         (
             "someone/tiny-dpo",
-            online,
+            False,
+            None,
             "error: --push_to_hub: no Hugging Face token: set HF_TOKEN or run `hf auth login`",
         ),
         (
             "someone/tiny-dpo",
-            online | {"HF_TOKEN": "hf_wrong"},
-            "error: --push_to_hub: the Hub did not accept the token",
+            False,
+            "hf_wrong",
+            "error: --push_to_hub: the Hub did not accept the token (Invalid user token.",
         ),
     ]:
-        argv = [*DPO_QUICK, "--work_dir", tmp_path / "work", "--push_to_hub", repo]
-        proc = run_script("DPO_training.py", *argv, check=False, env=env)
-        assert proc.returncode == 1 and proc.stderr.startswith(message) and proc.stderr.count("\n") == 1, proc.stderr
-        assert "hf_wrong" not in proc.stdout + proc.stderr
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+        if token:
+            monkeypatch.setenv("HF_TOKEN", token)
+        else:
+            monkeypatch.delenv("HF_TOKEN", raising=False)
+        monkeypatch.setattr(sys, "argv", [*argv, repo])
+        with pytest.raises(SystemExit) as exit:
+            common.run(lambda args: pytest.fail("trained before the checks"), dpo.Args, dpo.TINY)
+        assert str(exit.value).startswith(message) and "\n" not in str(exit.value), str(exit.value)
+        assert "hf_wrong" not in str(exit.value)
+    monkeypatch.setenv("HF_TOKEN", "hf_good")
+    common.check_push(parse_args(dpo.Args, dpo.TINY, ["--push_to_hub", "someone/tiny-dpo"]))  # passes
     assert not (tmp_path / "work" / "runs").exists()
-
-
-@pytest.mark.slow
-def test_a_failed_upload_is_one_line_and_leaves_the_saved_folder(tiny_data_dir, tmp_path, fake_hub):
-    work = tmp_path / "work"
-    work.mkdir()
-    (work / PROCESSED_DIR).symlink_to(tiny_data_dir / PROCESSED_DIR)
-    env = {k: v for k, v in SCRIPT_ENV.items() if k != "HF_HUB_OFFLINE"}
-    env |= {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": fake_hub, "HF_TOKEN": "hf_not_a_real_token"}
-    argv = [*DPO_QUICK, "--work_dir", work, "--push_to_hub", "someone/tiny-dpo"]
-    proc = run_script("DPO_training.py", *argv, check=False, env=env)
-    assert proc.returncode == 1
-    assert (
-        "--push_to_hub someone/tiny-dpo: logged in to the Hub as someone; the upload follows the training"
-        in proc.stdout
-    )
-    last = proc.stderr.strip().splitlines()[-1]  # after the training's progress bars
-    assert last.startswith("error: --push_to_hub someone/tiny-dpo: the upload failed ("), proc.stderr[-2000:]
-    assert "403" in last and "rights to create a model" in last
-    assert last.endswith(
-        f"the model is saved in {work / DPO_DIR}: upload it later with `hf upload someone/tiny-dpo {work / DPO_DIR}`"
-    )
-    assert "Traceback" not in proc.stderr and "hf_not_a_real_token" not in proc.stdout + proc.stderr
-    assert ModelCard.load(work / DPO_DIR / "README.md").data.model_name == "DPO policy from tiny_gpt2"
 
 
 def test_push_to_hub_sends_the_finished_folder_with_its_card(tiny_pipeline, tmp_path, monkeypatch):
