@@ -1350,7 +1350,10 @@ def push_folder(folder, repo_id):
     try:
         url = api.create_repo(repo_id, exist_ok=True)
         api.upload_folder(
-            folder_path=str(folder), repo_id=repo_id, commit_message=f"{Path(folder).name} from rlhf-gpt2"
+            folder_path=str(folder),
+            repo_id=repo_id,
+            commit_message=f"{Path(folder).name} from rlhf-gpt2",
+            ignore_patterns=["*.tmp-*"],  # a killed card update's leftover is not the model's
         )
     except Exception as e:  # network, authentication, permission: the saved folder is intact either way
         reason = first_line(e) + (f" {e.server_message}" if getattr(e, "server_message", None) else "")

@@ -379,6 +379,7 @@ def test_push_to_hub_sends_the_finished_folder_with_its_card(tiny_pipeline, tmp_
     common.push_folder(folder, "someone/tiny-ppo")
     assert [(kind, repo) for kind, repo, _ in calls] == [("create", "someone/tiny-ppo"), ("upload", "someone/tiny-ppo")]
     assert calls[0][2] == {"exist_ok": True} and calls[1][2]["folder_path"] == str(folder)
+    assert calls[1][2]["ignore_patterns"] == ["*.tmp-*"]  # a killed card update's leftover stays home
     sent = set(os.listdir(folder))
     assert {
         "README.md",
