@@ -66,6 +66,7 @@ from common import (
     card_writer,
     check,
     check_resumable,
+    end_run,
     gather_logprobs,
     join_conversation,
     load_causal_lm,
@@ -74,7 +75,6 @@ from common import (
     load_tokenizer,
     make_accelerator,
     plot_metrics,
-    push_folder,
     remove_leftovers,
     response_logits,
     run,
@@ -587,10 +587,7 @@ def main(args):
             },
         )
         print(f"wrote {Path(args.work_dir) / DPO_DIR}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()  # the trackers' last records written; under accelerate launch, the process group ended
-    if is_main and args.push_to_hub:
-        push_folder(Path(args.work_dir) / DPO_DIR, args.push_to_hub)
+    end_run(accelerator, args, Path(args.work_dir) / DPO_DIR)
     return unwrap(policy)
 
 

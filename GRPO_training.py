@@ -63,6 +63,7 @@ from common import (
     card_writer,
     check,
     check_resumable,
+    end_run,
     entropy_from_logits,
     gather_logprobs,
     generate_responses,
@@ -75,7 +76,6 @@ from common import (
     make_accelerator,
     masked_mean,
     plot_metrics,
-    push_folder,
     read_metrics,
     remove_leftovers,
     response_logits,
@@ -516,10 +516,7 @@ def main(args):
             f"best held-out reward {best['eval/reward']:.4f} at step {best['step']} -> {args.work_dir}/{GRPO_BEST_DIR}"
         )
         print(f"final policy -> {args.work_dir}/{GRPO_FINAL_DIR}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()  # the trackers' last records written; under accelerate launch, the process group ended
-    if is_main and args.push_to_hub:  # the policy evaluate_models.py reports as GRPO
-        push_folder(Path(args.work_dir) / GRPO_BEST_DIR, args.push_to_hub)
+    end_run(accelerator, args, Path(args.work_dir) / GRPO_BEST_DIR)  # what evaluate_models.py reports as GRPO
     return unwrap(policy)
 
 

@@ -75,6 +75,7 @@ from common import (
     card_writer,
     check,
     check_resumable,
+    end_run,
     entropy_from_logits,
     gather_logprobs,
     generate_responses,
@@ -88,7 +89,6 @@ from common import (
     masked_mean,
     masked_whiten,
     plot_metrics,
-    push_folder,
     remove_leftovers,
     response_logits,
     run,
@@ -580,10 +580,7 @@ def main(args):
             },
         )
         print(f"wrote {Path(args.work_dir) / PPO_DIR}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()  # the trackers' last records written; under accelerate launch, the process group ended
-    if is_main and args.push_to_hub:
-        push_folder(Path(args.work_dir) / PPO_DIR, args.push_to_hub)
+    end_run(accelerator, args, Path(args.work_dir) / PPO_DIR)
     return unwrap(model)
 
 

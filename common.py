@@ -268,7 +268,7 @@ def unwrap(model):
 
 
 def save_args(args, path):
-    atomic_write_json(path, vars(args) if not hasattr(args, "__dataclass_fields__") else args.__dict__)
+    atomic_write_json(path, vars(args))
 
 
 # ---------------------------------------------------------------------------
@@ -1039,8 +1039,7 @@ def trackers(args):
 
 def tracker_config(args):
     """The run's settings as trackers take them: numbers, strings and booleans; anything else as its text."""
-    values = args.__dict__ if hasattr(args, "__dataclass_fields__") else vars(args)
-    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in values.items()}
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in vars(args).items()}
 
 
 def tracker_run_id(run_dir, resume):
@@ -1080,13 +1079,25 @@ def start_tracking(accelerator, args, run_dir, run_name, resume_step):
     config = tracker_config(args) if resume_step is None else None  # a resumed run has its config already
     try:
         accelerator.init_trackers(TRACKER_PROJECT, config=config, init_kwargs=kwargs)
-    except Exception as e:  # no login, no network: wandb's own words, in one line
-        raise UserError(
-            f"--report_to {args.report_to}: a tracker did not start ({first_line(e)}){WANDB_HINT}"
-        ) from None
+    except Exception as e:  # no login, no network
+        raise tracker_failure(args, e) from None
 
 
-WANDB_HINT = "; WANDB_MODE=offline keeps a wandb run on disk (`wandb sync` uploads it later)"
+def end_run(accelerator, args, folder):
+    """The loops' last lines: every process done, the trackers' last records written (under accelerate launch
+    this also ends the process group, so no barrier may follow), then the main process uploads `folder`."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if accelerator.is_main_process and args.push_to_hub:
+        push_folder(folder, args.push_to_hub)
+
+
+def tracker_failure(args, error):
+    """A tracker that did not start, as one line: its own words and how to run without its server."""
+    return UserError(
+        f"--report_to {args.report_to}: a tracker did not start ({first_line(error)}); WANDB_MODE=offline keeps "
+        "a wandb run on disk (`wandb sync` uploads it later)"
+    )
 
 
 def tracker_errors(args):
@@ -1319,7 +1330,8 @@ def add_evaluation_to_card(folder, table, command):
 
 
 def check_push(args):
-    """At start-up, before hours of training: --push_to_hub names a valid repo id and there is a token."""
+    """At start-up, before hours of training: --push_to_hub names a valid repo id, the Hub is online, and it
+    accepts the token."""
     if not args.push_to_hub:
         return
     import huggingface_hub

@@ -66,7 +66,6 @@ from common import (
     PROCESSED_DIR,
     REWARD_MODEL_DIR,
     TRACKER_PROJECT,
-    WANDB_HINT,
     MetricsLogger,
     TrainArgs,
     UserError,
@@ -89,6 +88,7 @@ from common import (
     save_pretrained_atomic,
     set_seed,
     tracker_errors,
+    tracker_failure,
     trainer_tracking,
     use_bf16,
 )
@@ -465,9 +465,7 @@ def main(args):
         try:
             trainer.train(resume_from_checkpoint=str(checkpoint) if args.resume else None)
         except tracker_errors(args) as e:  # Trainer starts the trackers: wandb without a login, say
-            raise UserError(
-                f"--report_to {args.report_to}: a tracker did not start ({first_line(e)}){WANDB_HINT}"
-            ) from None
+            raise tracker_failure(args, e) from None
 
     # final evaluation on the held-out test split
     test = trainer.evaluate(data["test"], metric_key_prefix="test")

@@ -4,13 +4,14 @@ Tests call the scripts the way a user does (`main(parse_args(Args, TINY, argv))`
 subprocess), into temporary work folders; nothing touches the network.
 """
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from http.server import ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy
@@ -128,6 +129,21 @@ def dead_pid():
     proc = subprocess.Popen(["true"])
     proc.wait()
     return proc.pid
+
+
+class JsonHandler(BaseHTTPRequestHandler):
+    """A fake server's handler: `reply` sends a JSON body; requests are not logged to the test output."""
+
+    def reply(self, status, payload):
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
 
 
 class _Server(ThreadingHTTPServer):

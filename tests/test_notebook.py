@@ -10,14 +10,13 @@ import json
 import math
 import shutil
 import time
-from http.server import BaseHTTPRequestHandler
 
 import nbformat
 import numpy as np
 import openai
 import pandas as pd
 import pytest
-from conftest import REPO, run_script, serve
+from conftest import REPO, JsonHandler, run_script, serve
 from nbclient import NotebookClient
 
 import judge
@@ -32,7 +31,7 @@ class FakeOpenAI:
         self.queue, self.requests = [], []  # queued actions; (time, Authorization header, request body)
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JsonHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.requests.append((time.monotonic(), self.headers.get("Authorization"), body))
@@ -48,17 +47,6 @@ class FakeOpenAI:
                     usage = {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11}
                     self.reply(200, {"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
                                      "choices": [choice], "usage": usage})  # fmt: skip
-
-            def reply(self, status, payload):
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):  # keep the test output quiet
-                pass
 
         self.server, self.url = serve(Handler)
 

@@ -8,11 +8,10 @@ import os
 import shutil
 import struct
 import sys
-from http.server import BaseHTTPRequestHandler
 
 import pandas as pd
 import pytest
-from conftest import SCRIPT_ENV, assert_same_as_metrics, run_script, serve, tensorboard_scalars
+from conftest import SCRIPT_ENV, JsonHandler, assert_same_as_metrics, run_script, serve, tensorboard_scalars
 from huggingface_hub import ModelCard
 
 import common
@@ -292,16 +291,8 @@ def test_a_gpt2_card_names_the_hub_model_and_data_and_a_rerun_evaluation_replace
     assert card.data.eval_results[0].metric_value == 1.25  # the metadata kept
 
 
-class FakeHub(BaseHTTPRequestHandler):
+class FakeHub(JsonHandler):
     """The Hub's answers a push meets: who the token is (a 401 for `hf_wrong`), a refused create_repo, no repo."""
-
-    def reply(self, status, body):
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self):
         if not self.path.startswith("/api/whoami"):  # create_repo's look for a repo that already exists
@@ -313,9 +304,6 @@ class FakeHub(BaseHTTPRequestHandler):
     def do_POST(self):
         self.rfile.read(int(self.headers.get("content-length", 0)))
         self.reply(403, {"error": 'You don\'t have the rights to create a model under the namespace "someone"'})
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture
