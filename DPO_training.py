@@ -508,7 +508,8 @@ def main(args):
             state = {"model": unwrap(policy).state_dict(), "optimizer": optimizer.state_dict()}
             state |= {"scheduler": scheduler.state_dict(), "step": step, "last_eval": eval_metrics}
             save_checkpoint(checkpoint_path, state)
-            plot_metrics(logger.path, PLOT_KEYS, run_dir / f"{RUN_NAME}_curves.png", title="DPO")
+            if step < total_steps:  # the curves so far (the last step's are drawn with the final policy)
+                plot_metrics(logger.path, PLOT_KEYS, run_dir / f"{RUN_NAME}_curves.png", title="DPO")
 
     last_saved = step if args.resume else None
     if is_main:

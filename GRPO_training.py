@@ -479,7 +479,8 @@ def main(args):
                         "run_id": run_id,
                     },
                 )
-                plot_metrics(run_dir / "metrics.jsonl", CURVES, run_dir / "grpo_curves.png", "GRPO")
+                if step < args.total_steps:  # the curves so far (the last step's are drawn with the final policy)
+                    plot_metrics(run_dir / "metrics.jsonl", CURVES, run_dir / "grpo_curves.png", "GRPO")
             accelerator.wait_for_everyone()
 
     # 8. save the final policy and the best-by-held-out-reward one, each with the run's metrics, curves and card

@@ -50,6 +50,9 @@ Deliberate choices:
 * worksheet cells cannot hold most control characters: in the xlsx they are shown
   escaped (`\\x07`); the JSONL keeps the text exactly as generated (and is what the
   notebook's judge reads); a reply starting with "=" is stored as text, not a formula;
+* on a CPU the models are evaluated side by side in forked processes of one thread each
+  (`--workers`, by default one per thread torch may use): each evaluation seeds itself, so
+  the table is the same as one process makes; a GPU evaluates one model at a time;
 * with `--top_p` below 1 the samples come from the truncated distribution while the KL
   uses the full tempered distributions, so it is then only an approximation.
 """
@@ -120,6 +123,13 @@ class Args(CommonArgs):
     best_of_n: int = field(
         default=16,
         metadata={"help": "the frontier's best-of-N from base: N = 1, 2, 4, ... up to this (a power of 2; 0 = none)"},
+    )
+    workers: int = field(
+        default=0,
+        metadata={
+            "help": "CPU only: processes that evaluate models side by side, one thread each (0 = one per thread "
+            "torch may use; 1 = one process). The same replies and figures either way"
+        },
     )
 
 
@@ -203,11 +213,11 @@ def reply_lengths(samples, tokenizer):
     return (samples.response_mask * not_eos).sum(-1).tolist()
 
 
-def evaluate_model(name, model, base, tokenizer, prompts, scorers, args):
+def evaluate_model(name, model, base, tokenizer, prompts, scorers, args, progress=True):
     """Sample one reply per prompt, score it, (for a policy) its KL to base, and (tiny data) the oracle's label."""
     set_seed(args.seed)  # every model draws from the same random stream
     out = {"response": [], "reward": [], "gold": [], "kl": [], "length": [], "oracle": []}
-    for i in tqdm(range(0, len(prompts), args.batch_size), desc=f"evaluate {name}"):
+    for i in tqdm(range(0, len(prompts), args.batch_size), desc=f"evaluate {name}", disable=not progress):
         batch = prompts[i : i + args.batch_size]
         samples = generate_responses(
             model, tokenizer, batch, args.max_prompt_length, args.max_new_tokens, args.temperature, args.top_p
@@ -221,16 +231,15 @@ def evaluate_model(name, model, base, tokenizer, prompts, scorers, args):
     return out
 
 
-def best_of_n(base, tokenizer, prompts, base_out, scorers, args):
-    """Best-of-N from base (Stiennon et al. 2020; Gao et al. 2022): per prompt the proxy picks the highest-scoring
-    of N base replies. The first of each prompt's N is base's own evaluated reply (`base_out`), so N = 1 is base;
-    the other N - 1 come from one more seeded stream. Returns {N: out} for N = 1, 2, 4, ... up to --best_of_n,
-    each a best-of-N reply per prompt with its scores and length (its KL is analytic: `best_of_n_kl`)."""
+def best_of_n_draws(base, tokenizer, prompts, scorers, args, progress=True):
+    """The N - 1 more base replies per prompt that best-of-N picks among (besides base's own evaluated one), from
+    one seeded stream: {"response": [[...] per prompt], "reward": ..., "gold": ..., "oracle": ..., "length": ...}."""
     extra = args.best_of_n - 1
-    draws = {key: [[v] for v in base_out[key]] for key in ("response", "reward", "gold", "oracle", "length")}
+    draws = {key: [[] for _ in prompts] for key in ("response", "reward", "gold", "oracle", "length")}
     set_seed(args.seed + 1)
     per_call = max(1, args.batch_size // max(extra, 1))  # prompts per generate call: about --batch_size rows
-    for i in tqdm(range(0, len(prompts) if extra else 0, per_call), desc=f"best-of-{args.best_of_n} from base"):
+    calls = range(0, len(prompts) if extra else 0, per_call)
+    for i in tqdm(calls, desc=f"best-of-{args.best_of_n} from base", disable=not progress):
         batch = prompts[i : i + per_call]
         samples = generate_responses(
             base, tokenizer, batch, args.max_prompt_length, args.max_new_tokens, args.temperature, args.top_p,
@@ -241,10 +250,19 @@ def best_of_n(base, tokenizer, prompts, base_out, scorers, args):
         for key, values in new.items():
             for j, value in enumerate(values):  # rows are prompt-major: `extra` replies of one prompt in a row
                 draws[key][i + j // extra].append(value)
+    return draws
+
+
+def best_of_n(base_out, draws, args):
+    """Best-of-N from base (Stiennon et al. 2020; Gao et al. 2022): per prompt the proxy picks the highest-scoring
+    of N base replies. The first of each prompt's N is base's own evaluated reply (`base_out`), so N = 1 is base;
+    the other N - 1 are `best_of_n_draws`. Returns {N: out} for N = 1, 2, 4, ... up to --best_of_n, each a
+    best-of-N reply per prompt with its scores and length (its KL is analytic: `best_of_n_kl`)."""
+    replies = {key: [[own, *more] for own, more in zip(base_out[key], draws[key])] for key in draws}
     results = {}
     for n in (2**k for k in range(args.best_of_n.bit_length())):
-        picks = [int(np.argmax(rewards[:n])) for rewards in draws["reward"]]  # the first of equal scores
-        results[n] = {key: [d[p] for d, p in zip(values, picks)] if values else [] for key, values in draws.items()}
+        picks = [int(np.argmax(rewards[:n])) for rewards in replies["reward"]]  # the first of equal scores
+        results[n] = {key: [d[p] for d, p in zip(values, picks)] if values else [] for key, values in replies.items()}
     return results
 
 
@@ -363,10 +381,10 @@ def frontier_row(method, step, n, out, kl, args):
     return row | {"distinct_share": distinct, "length_mean": float(np.mean(out["length"]))}
 
 
-def frontier(work_dir, base, tokenizer, prompts, results, scorers, load_policy, args):
-    """The reward-KL frontier: base; every snapshot and the final policy of each method; best-of-N from base.
-    All on the same prompts, decoding settings and seed as the table; a table model's replies are reused."""
-    rows = [frontier_row("base", 0, None, results["base"], 0.0, args)]
+def frontier_paths(work_dir):
+    """Each method's path on the frontier, {method: [(step, folder), ...]}: the snapshots its trainer kept, then its
+    final policy (at its last logged step). GRPO's path ends in its final policy, not in the best-by-validation one."""
+    paths = {}
     for method, (run_name, final_dir) in FRONTIER_RUNS.items():
         final = work_dir / final_dir
         if not (final / "config.json").is_file():
@@ -374,26 +392,60 @@ def frontier(work_dir, base, tokenizer, prompts, results, scorers, load_policy, 
             continue
         last = last_record(final)
         final_step, saved_at = (last["step"] if last else None), (final / "config.json").stat().st_mtime
-        points = []
+        paths[method] = []
         for step, folder in snapshots(work_dir / "runs" / run_name):
             # a run writes its snapshots before its final folder: one at or past its last step, or written
             # after it, is another run's
             if (final_step is not None and step >= final_step) or (folder / "config.json").stat().st_mtime > saved_at:
                 print(f"{folder} is not from the run that wrote {final} (its last step {final_step}): left out")
                 continue
-            points.append((step, evaluate_model(f"{method} step {step}", load_policy(folder), base, tokenizer,
-                                                prompts, scorers, args)))  # fmt: skip
-        reuse = POLICY_DIRS.get(method) == final_dir
-        out = results[method] if reuse else evaluate_model(method, load_policy(final), base, tokenizer, prompts,
-                                                            scorers, args)  # fmt: skip
-        points.append((final_step, out))
-        rows += [frontier_row(method, step, None, out, float(np.mean(out["kl"])), args) for step, out in points]
-    if args.best_of_n:
-        for n, out in best_of_n(base, tokenizer, prompts, results["base"], scorers, args).items():
-            rows.append(frontier_row("best_of_n", None, n, out, best_of_n_kl(n), args))
+            paths[method].append((step, folder))
+        paths[method].append((final_step, final))
+    return paths
+
+
+def frontier(paths, outs, bon, args):
+    """The reward-KL frontier: base; every point of each method's path; best-of-N from base. `outs` holds every
+    model's evaluation by folder (None: base), all on the same prompts, decoding settings and seed as the table."""
+    rows = [frontier_row("base", 0, None, outs[None], 0.0, args)]
+    for method, path in paths.items():
+        rows += [
+            frontier_row(method, step, None, outs[folder], float(np.mean(outs[folder]["kl"])), args)
+            for step, folder in path
+        ]
+    rows += [frontier_row("best_of_n", None, n, out, best_of_n_kl(n), args) for n, out in bon.items()]
     table = pd.DataFrame(rows)
     table[["step", "n"]] = table[["step", "n"]].astype("Int64")
     return table
+
+
+# Every evaluation is a job: ("model", label, folder), folder None for base, or ("best_of_n",). `main` puts what the
+# jobs need here; forked workers inherit it (nothing is pickled but a job and its result).
+JOB_CONTEXT = {}
+
+
+def run_job(job):
+    """One job, in this process or a worker: a model's evaluation, or best-of-N's extra draws from base."""
+    c = JOB_CONTEXT
+    progress = c["workers"] == 1  # side by side, one bar counts the jobs instead
+    if job[0] == "best_of_n":
+        return best_of_n_draws(c["base"], c["tokenizer"], c["prompts"], c["scorers"], c["args"], progress)
+    _, label, folder = job
+    model, reference = (c["base"], None) if folder is None else (c["load_policy"](folder), c["base"])
+    return evaluate_model(label, model, reference, c["tokenizer"], c["prompts"], c["scorers"], c["args"], progress)
+
+
+def run_jobs(jobs, workers):
+    """Every job's result, in order: one after another, or on `workers` forked processes of one thread each (CPU),
+    which inherit the loaded models. Each job seeds itself, so the results are the same either way."""
+    JOB_CONTEXT["workers"] = workers
+    if workers == 1:
+        return [run_job(job) for job in jobs]
+    import multiprocessing
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers' tokenizers are forked: no threads in them
+    with multiprocessing.get_context("fork").Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        return list(tqdm(pool.imap(run_job, jobs), total=len(jobs), desc=f"evaluate ({workers} processes)"))
 
 
 def plot_frontier(path, table):
@@ -631,17 +683,28 @@ def main(args):
         )
         return policy
 
-    # sample, score and measure KL, one policy in memory at a time
+    # every model samples, is scored and measured (KL to base): base, the policies, the frontier's snapshots (a
+    # model of the table is not sampled twice), and best-of-N draws more base replies; the longest job first
+    paths = frontier_paths(work_dir) if args.frontier else {}
+    folders = [None, *policies.values()]
+    folders += [folder for path in paths.values() for _, folder in path if folder not in folders]
+    labels = {folder: f"{method} step {step}" for method, path in paths.items() for step, folder in path}
+    labels |= {None: "base", **{folder: name for name, folder in policies.items()}}
+    jobs = [("best_of_n",)] if args.frontier and args.best_of_n else []
+    jobs += [("model", labels[folder], folder) for folder in folders]
+    workers = 1 if device.type == "cuda" else min(args.workers or torch.get_num_threads(), len(jobs))
+    JOB_CONTEXT.update(base=base, tokenizer=tokenizer, prompts=prompts, scorers=scorers, args=args)
+    JOB_CONTEXT.update(load_policy=load_policy)
     print(f"evaluating base and {', '.join(policies) or 'no policy'} on {len(prompts)} test prompts")
-    results = {"base": evaluate_model("base", base, None, tokenizer, prompts, scorers, args)}
-    costs = {}
-    for name, folder in policies.items():
-        results[name] = evaluate_model(name, load_policy(folder), base, tokenizer, prompts, scorers, args)
-        costs[name] = training_cost(folder)
-    # the frontier: every snapshot and final policy, best-of-N from base, on the same prompts
-    points = (
-        frontier(work_dir, base, tokenizer, prompts, results, scorers, load_policy, args) if args.frontier else None
-    )
+    done = run_jobs(jobs, workers)
+    draws = done.pop(0) if jobs[0] == ("best_of_n",) else None
+    outs = dict(zip(folders, done))
+    results = {"base": outs[None], **{name: outs[folder] for name, folder in policies.items()}}
+    costs = {name: training_cost(folder) for name, folder in policies.items()}
+    points = None
+    if args.frontier:
+        bon = best_of_n(results["base"], draws, args) if draws is not None else {}
+        points = frontier(paths, outs, bon, args)
 
     # save: the table and summary, the raw text, the plots
     summary = summarize(results, costs, args, oracle.LABELS if oracle else None)

@@ -109,7 +109,8 @@ mkdir -p "$work_dir"
 # The tiny models are too small for two BLAS threads to pay off in training, and two threads per
 # process beside another process thrash (we measured 2-5x slower): one thread per stage unless the
 # caller says otherwise, and the second core runs a second stage instead. A stage running alone (the
-# data, the evaluation) gets every job's core: the evaluation's wide batches run 1.5x faster on two.
+# data, the evaluation) gets every job's core: the evaluation then runs that many processes of one
+# thread each (`evaluate_models.py --workers`), the same table as one process makes.
 alone_threads=
 if [[ " ${common[*]} " == *" --preset tiny "* || " ${common[*]} " == *" --preset=tiny "* ]]; then
   cores=$(OMP_NUM_THREADS='' nproc) # nproc counts OMP_NUM_THREADS

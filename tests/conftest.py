@@ -45,6 +45,15 @@ def run_script(script, *argv, check=True, timeout=900, env=None):
     return proc
 
 
+def free_port():
+    """A free TCP port of 127.0.0.1, for `accelerate launch --main_process_port` (tests may run side by side)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def kill_when(script, *argv, moment, log, timeout=600, sig=signal.SIGKILL):
     """Start a pipeline script and SIGKILL it (or send `sig`) as soon as `moment()` holds, as a pre-empted
     job dies. Returns its output.
@@ -167,19 +176,95 @@ def delays(monkeypatch):
     return slept
 
 
+# The demo pipeline, which most learning tests read, trains in the background from the session's first test
+# when a collected test needs it, one stage at a time on one thread: the session's own tests run on the other
+# core meanwhile (each a single-threaded script), and those that read the pipeline run last. Two processes for
+# two cores: a third (parallel stages, or pytest-xdist) made the whole run slower here, not faster.
+PIPELINE_LEVELS = {"tiny_pipeline": 3, "tiny_reward_dir": 2, "tiny_data_dir": 1}  # what a test waits for, at most
+
+
+def pipeline_level(item):
+    return max((level for name, level in PIPELINE_LEVELS.items() if name in item.fixturenames), default=0)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    """Tests that need nothing shared first, then those on the tiny data, the reward model, the pipeline."""
+    items.sort(key=pipeline_level)
+
+
+class BackgroundPipeline:
+    """`bash run_pipeline.sh --preset tiny --jobs 1 --report_to tensorboard` with one thread, in the background.
+    Each stage computes what it computes in the README's demo (there a stage beside another has one thread too,
+    and the evaluation's processes one each); `wait_for(name)` blocks until the output `name` is there."""
+
+    def __init__(self, work):
+        self.work, self.log = work, work / "pipeline.log"  # what the runner printed
+        runner = ["bash", str(REPO / "run_pipeline.sh"), "--preset", "tiny", "--work_dir", str(work), "--jobs", "1"]
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(
+                [*runner, *TRACKED],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**SCRIPT_ENV, "PYTHON": sys.executable},
+                start_new_session=True,  # its own process group: `stop` interrupts the runner and its stage
+            )
+
+    def wait_for(self, name, timeout=1800):
+        """The work dir once `name` (a folder a stage writes atomically; "" for the whole pipeline) is there."""
+        deadline = time.time() + timeout
+        while not (name and (self.work / name).exists()):
+            code = self.proc.poll()
+            if code is not None:
+                assert code == 0, f"run_pipeline.sh failed ({code}):\n{self.log.read_text()[-4000:]}"
+                assert not name or (self.work / name).exists(), f"run_pipeline.sh ended without {name}"
+                break
+            assert time.time() < deadline, f"run_pipeline.sh still running after {timeout} s"
+            time.sleep(1)
+        return self.work
+
+    def stop(self):
+        if self.proc.poll() is None:  # the session ended before it did (an interrupt, -x)
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
 @pytest.fixture(scope="session")
-def tiny_data_dir(tmp_path_factory):
-    """A work dir holding `processed_data/` built by `data_process.py --preset tiny`."""
+def background_pipeline(request, tmp_path_factory):
+    """The session's demo pipeline, started at the first test when any collected test reads it (else None)."""
+    if not any(pipeline_level(item) == 3 for item in request.session.items):
+        yield None
+        return
+    pipeline = BackgroundPipeline(tmp_path_factory.mktemp("tiny_pipeline"))
+    yield pipeline
+    pipeline.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_pipeline_early(background_pipeline):
+    """Starts the pipeline with the session's first test, so it trains while the others run."""
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(background_pipeline, tmp_path_factory):
+    """A work dir holding `processed_data/` built by `data_process.py --preset tiny` (the pipeline's, when it runs)."""
+    if background_pipeline:
+        return background_pipeline.wait_for("processed_data")
     work = tmp_path_factory.mktemp("tiny_work")
     run_script("data_process.py", "--preset", "tiny", "--work_dir", work)
     return work
 
 
 @pytest.fixture(scope="session")
-def tiny_reward_dir(tiny_data_dir):
-    """The same work dir after `reward_model_training.py --preset tiny --report_to tensorboard` (once per session)."""
-    if not (tiny_data_dir / "final_reward_model" / "config.json").exists():
-        run_script("reward_model_training.py", "--preset", "tiny", "--work_dir", tiny_data_dir, *TRACKED)
+def tiny_reward_dir(background_pipeline, tiny_data_dir):
+    """The same work dir with `final_reward_model/` from `reward_model_training.py --preset tiny --report_to
+    tensorboard` (the pipeline's, when it runs)."""
+    if background_pipeline:
+        return background_pipeline.wait_for("final_reward_model")
+    run_script("reward_model_training.py", "--preset", "tiny", "--work_dir", tiny_data_dir, *TRACKED)
     return tiny_data_dir
 
 
@@ -192,36 +277,11 @@ def work(tiny_reward_dir, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def tiny_pipeline(tiny_reward_dir, tmp_path_factory):
-    """`bash run_pipeline.sh --preset tiny` as the README's demo runs it, once per session: on the session's data
-    and reward model, the rest of it (`--from gold`: the gold reward model, PPO, GRPO, DPO side by side, then the
-    evaluation with its frontier), logging to TensorBoard. The learning tests read what it leaves; none writes into it."""
-    work = tmp_path_factory.mktemp("tiny_pipeline")
-    for name in ("processed_data", "final_reward_model"):
-        (work / name).symlink_to(tiny_reward_dir / name)
-    proc = subprocess.run(
-        [
-            "bash",
-            str(REPO / "run_pipeline.sh"),
-            "--preset",
-            "tiny",
-            "--work_dir",
-            str(work),
-            "--from",
-            "gold",
-            *TRACKED,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1500,
-        # threads as the runner sets them for the tiny preset (one per stage beside another, two for one alone)
-        env={**{k: v for k, v in SCRIPT_ENV.items() if k != "OMP_NUM_THREADS"}, "PYTHON": sys.executable},
-    )
-    (work / "pipeline.log").write_text(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, (
-        f"run_pipeline.sh failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    )
-    return work
+def tiny_pipeline(background_pipeline):
+    """The README's demo pipeline (`BackgroundPipeline`), finished: the data, both reward models, PPO, GRPO, DPO,
+    then the evaluation with its frontier, logging to TensorBoard. The learning tests read what it leaves; none
+    writes into it."""
+    return background_pipeline.wait_for("")
 
 
 def pipeline_summary(work):

@@ -12,6 +12,7 @@ from conftest import (
     REPO,
     assert_same_as_metrics,
     assert_same_snapshots,
+    free_port,
     pipeline_output,
     pipeline_summary,
     tensorboard_scalars,
@@ -298,7 +299,17 @@ def test_two_processes_train_identical_weights(tiny_data_dir, tmp_path):
         f"torch.save(policy.state_dict(), {str(tmp_path)!r} + f'/rank{{PartialState().process_index}}.pt')\n"
     )
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(driver)]
+    launch += [
+        "--main_process_port",
+        str(free_port()),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(driver),
+    ]
     argv = ["--preset", "tiny", "--work_dir", str(work), *map(str, SHORT), "--max_steps", "3", "--logging_steps", "1"]
     argv += ["--report_to", "tensorboard"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

@@ -123,7 +123,9 @@ def test_best_of_n_keeps_the_proxys_first_best_among_the_first_n_replies(monkeyp
     base = {"response": ["p0-0", "p1-0", "p2-0"], "reward": [0.5, 1.0, -1.0], "gold": [-0.5, -1.0, 1.0]}
     base |= {"oracle": ["rude", "good", "rude"], "length": [7, 8, 9]}
     args = parse_args(Args, TINY, ["--preset", "tiny", "--best_of_n", "4", "--batch_size", "3"])  # 1 prompt a call
-    out = evaluate_models.best_of_n(None, type("T", (), {"eos_token_id": 0}), list(proxy), base, Judges(), args)
+    draws = evaluate_models.best_of_n_draws(None, type("T", (), {"eos_token_id": 0}), list(proxy), Judges(), args)
+    assert draws["response"] == [["p0-1", "p0-2", "p0-3"], ["p1-1", "p1-2", "p1-3"], ["p2-1", "p2-2", "p2-3"]]
+    out = evaluate_models.best_of_n(base, draws, args)
     assert list(out) == [1, 2, 4]
     assert out[1] == {**base}
     assert out[2]["response"] == ["p0-0", "p1-0", "p2-1"]

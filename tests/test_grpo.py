@@ -5,14 +5,13 @@ import hashlib
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, assert_same_snapshots, pipeline_summary
+from conftest import REPO, assert_same_snapshots, free_port, pipeline_summary
 
 import GRPO_training as grpo
 from common import (
@@ -254,12 +253,6 @@ def test_tiny_run_writes_both_folders_and_beats_the_base_model(tiny_pipeline):
     # the truth, not the proxy: more real answers than base (the tiny oracle), by a margin its 95% interval clears
     assert tuned.oracle_gain_ci_low > 0, summary.T
     assert tuned.distinct_share >= 0.9
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

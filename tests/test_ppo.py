@@ -4,13 +4,12 @@ sampling time, the value head, resume, a NaN stop, a tiny run that beats the bas
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO, assert_same_snapshots, pipeline_summary
+from conftest import REPO, assert_same_snapshots, free_port, pipeline_summary
 
 import PPO_training as ppo
 from common import (
@@ -304,12 +303,6 @@ def test_tiny_run_writes_its_folder_and_beats_the_base_model(tiny_pipeline):
     assert summary.loc["ppo", "oracle_gain_ci_low"] > 0, summary.T
     assert summary.loc["ppo", "distinct_share"] >= 0.9
     assert summary.loc["ppo", "reward_mean"] == pytest.approx(tuned["score"], abs=0.5)  # the same prompts
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -6,14 +6,13 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
-from conftest import REPO, assert_same_as_metrics, run_script, tensorboard_scalars
+from conftest import REPO, assert_same_as_metrics, free_port, run_script, tensorboard_scalars
 from transformers import AutoModelForSequenceClassification, TrainingArguments
 
 import common
@@ -389,10 +388,15 @@ def test_two_processes_split_each_batch_and_write_one_model(tmp_path, tiny_data_
     """Trainer data-parallel on 2 CPU processes (gloo). `accelerate launch --cpu --num_processes 2` starts a
     single process in accelerate 1.x (its simple launcher); `--multi_gpu` with ACCELERATE_USE_CPU starts two."""
     work = work_dir_with_data(tmp_path, tiny_data_dir)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", port]
+    launch = [
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        free_port(),
+    ]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     argv = [*FAST, "--work_dir", work, "--max_steps", 2, "--logging_steps", 1, "--save_steps", 2]
     proc = subprocess.run(
