@@ -241,12 +241,18 @@ def test_evaluate_end_to_end_tiny(eval_work):
     make_policy(eval_work / GRPO_BEST_DIR, noise=0.02, seed=1, metrics=[cost_record(10, 60.0, 9000, 450.0)])
     make_policy(eval_work / DPO_DIR, noise=0.03, seed=2)  # no metrics.jsonl: cost left empty, said so
     (eval_work / common.GOLD_REWARD_MODEL_DIR).symlink_to((eval_work / REWARD_MODEL_DIR).resolve())
+    argv = ["--preset", "tiny", "--work_dir", eval_work, "--num_prompts", 40, "--best_of_n", 4]
     try:
-        proc = run_script(
-            "evaluate_models.py", "--preset", "tiny", "--work_dir", eval_work, "--num_prompts", 40, "--best_of_n", 4
-        )
+        proc = run_script("evaluate_models.py", *argv, "--workers", 1)
+        # the same evaluation on two forked processes: the same table, byte for byte (the first run's files are
+        # kept as .prev)
+        parallel = run_script("evaluate_models.py", *argv, "--workers", 2)
     finally:
         (eval_work / common.GOLD_REWARD_MODEL_DIR).unlink()
+    assert "evaluate (2 processes)" in parallel.stderr and "evaluate (2 processes)" not in proc.stderr
+    for name in ("rlhf_eval_responses.jsonl", "rlhf_eval_frontier.csv"):
+        kept = (eval_work / name).with_name(name.replace(".", ".prev.", 1))
+        assert (eval_work / name).read_bytes() == kept.read_bytes(), name
     assert "evaluating base and ppo, grpo, dpo on 40 test prompts" in proc.stdout
     assert "no training cost" in proc.stdout
     assert "reward_mean" in proc.stdout  # the summary table is printed
