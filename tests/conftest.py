@@ -6,6 +6,7 @@ subprocess), into temporary work folders; nothing touches the network.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -177,9 +178,9 @@ def delays(monkeypatch):
 
 
 # The demo pipeline, which most learning tests read, trains in the background from the session's first test
-# when a collected test needs it, one stage at a time on one thread: the session's own tests run on the other
-# core meanwhile (each a single-threaded script), and those that read the pipeline run last. Two processes for
-# two cores: a third (parallel stages, or pytest-xdist) made the whole run slower here, not faster.
+# when a collected test needs it, one stage at a time on one thread, while the other tests run (`-n 2`: on two
+# pytest-xdist workers); those that read it run last. Every worker shares one pipeline and one tiny data set: the
+# first to need one builds it under a file lock in the folder all workers share, the others wait for it.
 PIPELINE_LEVELS = {"tiny_pipeline": 3, "tiny_reward_dir": 2, "tiny_data_dir": 1}  # what a test waits for, at most
 
 
@@ -193,29 +194,67 @@ def pytest_collection_modifyitems(items):
     items.sort(key=pipeline_level)
 
 
-class BackgroundPipeline:
-    """`bash run_pipeline.sh --preset tiny --jobs 1 --report_to tensorboard` with one thread, in the background.
-    Each stage computes what it computes in the README's demo (there a stage beside another has one thread too,
-    and the evaluation's processes one each); `wait_for(name)` blocks until the output `name` is there."""
+def pytest_configure(config):
+    """An xdist worker computes on one thread, as the scripts the tests start do: two workers, two cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
 
-    def __init__(self, work):
-        self.work, self.log = work, work / "pipeline.log"  # what the runner printed
-        runner = ["bash", str(REPO / "run_pipeline.sh"), "--preset", "tiny", "--work_dir", str(work), "--jobs", "1"]
-        with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(
-                [*runner, *TRACKED],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**SCRIPT_ENV, "PYTHON": sys.executable},
-                start_new_session=True,  # its own process group: `stop` interrupts the runner and its stage
-            )
+        torch.set_num_threads(1)
+
+
+def shared_root(tmp_path_factory):
+    """The folder every worker of this session shares (the session's own without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def build_once(path, build, *args):
+    """`build(path, *args)` unless another worker of the session has (or is doing it): `path`, complete."""
+    from filelock import FileLock
+
+    with FileLock(f"{path}.lock"):
+        if not (path / ".built").exists():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir(parents=True)
+            build(path, *args)
+            (path / ".built").touch()
+    return path
+
+
+class BackgroundPipeline:
+    """`bash run_pipeline.sh --preset tiny --jobs 1 --report_to tensorboard` with one thread, in the background,
+    once per session. Each stage computes what it computes in the README's demo (there a stage beside another has
+    one thread too, and the evaluation's processes one each); `wait_for(name)` blocks until `name` is there."""
+
+    def __init__(self, root):
+        self.work, self.status = root / "tiny_pipeline", root / "tiny_pipeline.status"  # the runner's exit code
+        self.log, self.proc = self.work / "pipeline.log", None  # what the runner printed
+
+    def start(self):
+        from filelock import FileLock
+
+        with FileLock(f"{self.work}.lock"):
+            if self.work.exists():  # another worker started it
+                return
+            self.work.mkdir()
+            runner = ["bash", str(REPO / "run_pipeline.sh"), "--preset", "tiny", "--work_dir", str(self.work)]
+            # the shell writes the status when the runner ends, even after the worker that started it has ended
+            record = 'bash "$@"; echo $? > "$STATUS.tmp" && mv "$STATUS.tmp" "$STATUS"'
+            with open(self.log, "w") as out:
+                self.proc = subprocess.Popen(
+                    ["sh", "-c", record, "sh", *runner[1:], "--jobs", "1", *TRACKED],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env={**SCRIPT_ENV, "PYTHON": sys.executable, "STATUS": str(self.status)},
+                    start_new_session=True,  # its own process group: `stop` interrupts the runner and its stage
+                )
 
     def wait_for(self, name, timeout=1800):
         """The work dir once `name` (a folder a stage writes atomically; "" for the whole pipeline) is there."""
         deadline = time.time() + timeout
         while not (name and (self.work / name).exists()):
-            code = self.proc.poll()
-            if code is not None:
+            if self.status.exists():
+                code = int(self.status.read_text())
                 assert code == 0, f"run_pipeline.sh failed ({code}):\n{self.log.read_text()[-4000:]}"
                 assert not name or (self.work / name).exists(), f"run_pipeline.sh ended without {name}"
                 break
@@ -224,12 +263,15 @@ class BackgroundPipeline:
         return self.work
 
     def stop(self):
-        if self.proc.poll() is None:  # the session ended before it did (an interrupt, -x)
-            os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        """At the end of the worker that started it: let it finish (another worker may be waiting for it); on a
+        second Ctrl-C, interrupt the runner and its stage."""
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait()
+        finally:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGINT)
 
 
 @pytest.fixture(scope="session")
@@ -238,7 +280,8 @@ def background_pipeline(request, tmp_path_factory):
     if not any(pipeline_level(item) == 3 for item in request.session.items):
         yield None
         return
-    pipeline = BackgroundPipeline(tmp_path_factory.mktemp("tiny_pipeline"))
+    pipeline = BackgroundPipeline(shared_root(tmp_path_factory))
+    pipeline.start()
     yield pipeline
     pipeline.stop()
 
@@ -248,24 +291,30 @@ def _start_pipeline_early(background_pipeline):
     """Starts the pipeline with the session's first test, so it trains while the others run."""
 
 
+def build_data(work):
+    run_script("data_process.py", "--preset", "tiny", "--work_dir", work)
+
+
+def build_reward_model(work, data_dir):
+    (work / "processed_data").symlink_to(data_dir / "processed_data")
+    run_script("reward_model_training.py", "--preset", "tiny", "--work_dir", work, *TRACKED)
+
+
 @pytest.fixture(scope="session")
 def tiny_data_dir(background_pipeline, tmp_path_factory):
     """A work dir holding `processed_data/` built by `data_process.py --preset tiny` (the pipeline's, when it runs)."""
     if background_pipeline:
         return background_pipeline.wait_for("processed_data")
-    work = tmp_path_factory.mktemp("tiny_work")
-    run_script("data_process.py", "--preset", "tiny", "--work_dir", work)
-    return work
+    return build_once(shared_root(tmp_path_factory) / "tiny_data", build_data)
 
 
 @pytest.fixture(scope="session")
 def tiny_reward_dir(background_pipeline, tiny_data_dir):
-    """The same work dir with `final_reward_model/` from `reward_model_training.py --preset tiny --report_to
-    tensorboard` (the pipeline's, when it runs)."""
+    """A work dir with that data and `final_reward_model/` from `reward_model_training.py --preset tiny
+    --report_to tensorboard` (the pipeline's, when it runs)."""
     if background_pipeline:
         return background_pipeline.wait_for("final_reward_model")
-    run_script("reward_model_training.py", "--preset", "tiny", "--work_dir", tiny_data_dir, *TRACKED)
-    return tiny_data_dir
+    return build_once(tiny_data_dir.parent / "tiny_reward", build_reward_model, tiny_data_dir)
 
 
 @pytest.fixture
