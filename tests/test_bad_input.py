@@ -23,8 +23,13 @@ def one_line_error(proc):
     [
         ("pairs.jsonl", b'{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: \xff\xfe", "rejected": "x"}\n', "not UTF-8 text"),
         ("pairs.jsonl.gz", b'{"chosen": "a", "rejected": "b"}\n', "not a complete gzip file"),
-        ("cut.jsonl.gz", gzip.compress(b'{"chosen": "a", "rejected": "b"}\n' * 100)[:-30], "not a complete gzip file"),
+        (
+            "cut.jsonl.gz",
+            gzip.compress(b'{"chosen": "a", "rejected": "b"}\n' * 100, mtime=0)[:-30],
+            "not a complete gzip file",
+        ),
     ],
+    ids=["not-utf8", "not-gzip", "cut-gzip"],  # ids every pytest-xdist worker collects alike (no bytes, no time)
 )
 def test_a_broken_dataset_file_is_one_line_naming_it(tmp_path, name, content, expected):
     (tmp_path / name).write_bytes(content)
