@@ -186,7 +186,10 @@ def execute_notebook(work, monkeypatch, **env):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     nb = nbformat.read(REPO / "analysis_notebook.ipynb", as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    # a kernel on a busy machine (two test workers and the pipeline beside it) may start slower than the 60 s default
+    NotebookClient(
+        nb, timeout=300, startup_timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
+    ).execute()
     nbformat.write(nb, work / "analysis_notebook.executed.ipynb")
     return "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
 
