@@ -693,8 +693,9 @@ def main(args):
     jobs = [("best_of_n",)] if args.frontier and args.best_of_n else []
     jobs += [("model", labels[folder], folder) for folder in folders]
     workers = 1 if device.type == "cuda" else min(args.workers or torch.get_num_threads(), len(jobs))
-    JOB_CONTEXT.update(base=base, tokenizer=tokenizer, prompts=prompts, scorers=scorers, args=args)
-    JOB_CONTEXT.update(load_policy=load_policy)
+    JOB_CONTEXT.update(
+        base=base, tokenizer=tokenizer, prompts=prompts, scorers=scorers, args=args, load_policy=load_policy
+    )
     print(f"evaluating base and {', '.join(policies) or 'no policy'} on {len(prompts)} test prompts")
     done = run_jobs(jobs, workers)
     draws = done.pop(0) if jobs[0] == ("best_of_n",) else None

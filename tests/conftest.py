@@ -55,6 +55,22 @@ def free_port():
         return s.getsockname()[1]
 
 
+def launch_two_processes(script, *argv, timeout=600):
+    """`accelerate launch` of `script` on 2 CPU processes (gloo, one thread each, a free port): the CompletedProcess.
+    On CPU, `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x (its simple launcher);
+    two need the multi-process launcher (`--multi_gpu`) with ACCELERATE_USE_CPU set."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no"]
+    launch += ["--dynamo_backend", "no"]
+    return subprocess.run(
+        [*launch, str(script), *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+    )
+
+
 def kill_when(script, *argv, moment, log, timeout=600, sig=signal.SIGKILL):
     """Start a pipeline script and SIGKILL it (or send `sig`) as soon as `moment()` holds, as a pre-empted
     job dies. Returns its output.
@@ -237,12 +253,12 @@ class BackgroundPipeline:
             if self.work.exists():  # another worker started it
                 return
             self.work.mkdir()
-            runner = ["bash", str(REPO / "run_pipeline.sh"), "--preset", "tiny", "--work_dir", str(self.work)]
+            runner = [str(REPO / "run_pipeline.sh"), "--preset", "tiny", "--work_dir", str(self.work), "--jobs", "1"]
             # the shell writes the status when the runner ends, even after the worker that started it has ended
             record = 'bash "$@"; echo $? > "$STATUS.tmp" && mv "$STATUS.tmp" "$STATUS"'
             with open(self.log, "w") as out:
                 self.proc = subprocess.Popen(
-                    ["sh", "-c", record, "sh", *runner[1:], "--jobs", "1", *TRACKED],
+                    ["sh", "-c", record, "sh", *runner, *TRACKED],
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     env={**SCRIPT_ENV, "PYTHON": sys.executable, "STATUS": str(self.status)},
@@ -274,21 +290,17 @@ class BackgroundPipeline:
                 os.killpg(self.proc.pid, signal.SIGINT)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def background_pipeline(request, tmp_path_factory):
-    """The session's demo pipeline, started at the first test when any collected test reads it (else None)."""
-    if not any(pipeline_level(item) == 3 for item in request.session.items):
+    """The session's demo pipeline, started with the first test when any collected test reads it (else None), so
+    that it trains while the others run."""
+    if not any("tiny_pipeline" in item.fixturenames for item in request.session.items):
         yield None
         return
     pipeline = BackgroundPipeline(shared_root(tmp_path_factory))
     pipeline.start()
     yield pipeline
     pipeline.stop()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _start_pipeline_early(background_pipeline):
-    """Starts the pipeline with the session's first test, so it trains while the others run."""
 
 
 def build_data(work):

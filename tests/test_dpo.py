@@ -2,9 +2,6 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +9,7 @@ from conftest import (
     REPO,
     assert_same_as_metrics,
     assert_same_snapshots,
-    free_port,
+    launch_two_processes,
     pipeline_output,
     pipeline_summary,
     tensorboard_scalars,
@@ -285,11 +282,7 @@ def test_precomputed_reference_and_accumulation_train_the_same(tiny_data_dir, tm
 
 @pytest.mark.slow
 def test_two_processes_train_identical_weights(tiny_data_dir, tmp_path):
-    """`accelerate launch` on 2 CPU processes (gloo): both end with the same weights, the saved ones.
-
-    On CPU, `accelerate launch --cpu --num_processes 2` starts ONE process (its simple launcher);
-    two processes need the multi-process launcher with ACCELERATE_USE_CPU set.
-    """
+    """`accelerate launch` on 2 CPU processes (gloo): both end with the same weights, the saved ones."""
     work = linked_work_dir(tmp_path / "work", tiny_data_dir)
     driver = tmp_path / "driver.py"
     driver.write_text(
@@ -298,22 +291,8 @@ def test_two_processes_train_identical_weights(tiny_data_dir, tmp_path):
         "policy = dpo.main(parse_args(dpo.Args, dpo.TINY, sys.argv[1:]))\n"
         f"torch.save(policy.state_dict(), {str(tmp_path)!r} + f'/rank{{PartialState().process_index}}.pt')\n"
     )
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += [
-        "--main_process_port",
-        str(free_port()),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(driver),
-    ]
     argv = ["--preset", "tiny", "--work_dir", str(work), *map(str, SHORT), "--max_steps", "3", "--logging_steps", "1"]
-    argv += ["--report_to", "tensorboard"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(launch + argv, capture_output=True, text=True, timeout=600, env=env)
+    proc = launch_two_processes(driver, *argv, "--report_to", "tensorboard")
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "3 optimizer steps of 8 pairs on 2 process(es)" in proc.stdout
     rank0, rank1 = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))

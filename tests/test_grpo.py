@@ -4,14 +4,11 @@ selection, resume, a tiny end-to-end run scored against the base model, and `acc
 import hashlib
 import json
 import math
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, assert_same_snapshots, free_port, pipeline_summary
+from conftest import REPO, assert_same_snapshots, launch_two_processes, pipeline_summary
 
 import GRPO_training as grpo
 from common import (
@@ -270,15 +267,8 @@ def test_two_processes_end_with_identical_weights(work, tmp_path):
         "policy = grpo.main(parse_args(grpo.Args, grpo.TINY))\n"
         f"open({str(tmp_path)!r} + f'/rank{{PartialState().process_index}}.txt', 'w').write(digest(policy))\n"
     )
-    launch = ["accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", free_port()]
     argv = ["--preset", "tiny", "--work_dir", work, "--total_steps", 2, "--eval_prompts", 8]
-    proc = subprocess.run(
-        [sys.executable, "-m", *map(str, launch), str(wrapper), *map(str, argv)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
-    )
+    proc = launch_two_processes(wrapper, *argv)
     assert proc.returncode == 0, proc.stderr[-3000:]
     digests = {(tmp_path / f"rank{i}.txt").read_text() for i in range(2)}
     base = load_causal_lm(str(TINY_MODEL_DIR), load_tokenizer(str(TINY_MODEL_DIR)))

@@ -3,13 +3,10 @@ sampling time, the value head, resume, a NaN stop, a tiny run that beats the bas
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO, assert_same_snapshots, free_port, pipeline_summary
+from conftest import REPO, assert_same_snapshots, launch_two_processes, pipeline_summary
 
 import PPO_training as ppo
 from common import (
@@ -307,19 +304,10 @@ def test_tiny_run_writes_its_folder_and_beats_the_base_model(tiny_pipeline):
 
 @pytest.mark.slow
 def test_two_processes_end_with_identical_weights(work):
-    """`accelerate launch --num_processes 2 --cpu` starts one process in accelerate 1.x (its simple
-    launcher); `--multi_gpu` with ACCELERATE_USE_CPU=1 starts two CPU processes (gloo). The script
-    itself gathers a parameter checksum at the end and fails if the processes disagree."""
-    launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    """Two CPU processes (gloo): the script itself gathers a parameter checksum at the end and fails if the
+    processes disagree."""
     argv = ["--preset", "tiny", "--work_dir", work, "--total_steps", 2, *QUICK]
-    proc = subprocess.run(
-        [sys.executable, *launch, "--main_process_port", str(free_port()), str(REPO / "PPO_training.py")]
-        + list(map(str, argv)),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
-    )
+    proc = launch_two_processes(REPO / "PPO_training.py", *argv)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "weights identical on all 2 processes" in proc.stdout
     assert [r["step"] for r in read_metrics(work / PPO_DIR / "metrics.jsonl")] == [1, 2]

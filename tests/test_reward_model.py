@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, assert_same_as_metrics, free_port, run_script, tensorboard_scalars
+from conftest import REPO, assert_same_as_metrics, launch_two_processes, run_script, tensorboard_scalars
 from transformers import AutoModelForSequenceClassification, TrainingArguments
 
 import common
@@ -385,27 +385,10 @@ def test_a_gold_reward_model_without_gold_pairs_is_one_line_with_the_rebuild_com
 
 @pytest.mark.slow
 def test_two_processes_split_each_batch_and_write_one_model(tmp_path, tiny_data_dir):
-    """Trainer data-parallel on 2 CPU processes (gloo). `accelerate launch --cpu --num_processes 2` starts a
-    single process in accelerate 1.x (its simple launcher); `--multi_gpu` with ACCELERATE_USE_CPU starts two."""
+    """Trainer data-parallel on 2 CPU processes (gloo)."""
     work = work_dir_with_data(tmp_path, tiny_data_dir)
-    launch = [
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        free_port(),
-    ]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     argv = [*FAST, "--work_dir", work, "--max_steps", 2, "--logging_steps", 1, "--save_steps", 2]
-    proc = subprocess.run(
-        [sys.executable, *map(str, launch), str(REPO / "reward_model_training.py"), *map(str, argv)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
-    )
+    proc = launch_two_processes(REPO / "reward_model_training.py", *argv)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("wrote ") == 1  # only the main process writes
     data = common.load_processed_data(common.parse_args(Args, TINY, ["--preset", "tiny", "--work_dir", str(work)]))
