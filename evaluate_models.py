@@ -622,6 +622,7 @@ def main(args):
     check(args.temperature > 0, f"--temperature must be positive, got {args.temperature}")
     check(0 < args.top_p <= 1, f"--top_p must be in (0, 1], got {args.top_p}")
     check(args.bootstrap_samples > 0, f"--bootstrap_samples must be positive, got {args.bootstrap_samples}")
+    check(args.workers >= 0, f"--workers must be 0 (one per thread) or a number of processes, got {args.workers}")
     check(
         args.best_of_n >= 0 and args.best_of_n & (args.best_of_n - 1) == 0,
         f"--best_of_n must be 0 or a power of 2 (1, 2, 4, ...), got {args.best_of_n}",

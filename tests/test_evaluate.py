@@ -414,6 +414,8 @@ def test_missing_data_and_bad_flags_fail_at_start(eval_work, tmp_path):
         main(parse_args(Args, TINY, ["--preset", "tiny", "--work_dir", str(tmp_path)]))
     with pytest.raises(UserError, match="--top_p must be in"):
         main(parse_args(Args, TINY, ["--preset", "tiny", "--work_dir", str(tmp_path), "--top_p", "0"]))
+    with pytest.raises(UserError, match="--workers must be 0 \\(one per thread\\) or a number of processes, got -1"):
+        main(parse_args(Args, TINY, ["--preset", "tiny", "--work_dir", str(tmp_path), "--workers", "-1"]))
     with pytest.raises(UserError, match="--max_prompt_length \\+ --max_new_tokens must fit"):
         argv = ["--preset", "tiny", "--work_dir", str(eval_work), "--max_new_tokens", "1000"]
         main(parse_args(Args, TINY, argv))
