@@ -211,7 +211,11 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_configure(config):
-    """An xdist worker computes on one thread, as the scripts the tests start do: two workers, two cores."""
+    """An xdist worker computes on one thread, as the scripts the tests start do: two workers, two cores. And the
+    Ctrl-C tests' scripts must hear SIGINT: pytest started as a background job of a shell without job control
+    ignores it, and every script it starts would inherit that."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
 
