@@ -545,7 +545,9 @@ def main(args):
                 record["train/epoch"] = step / steps_per_epoch
                 count_tokens(tokens)
                 window, tokens = [], 0
-                bar.set_postfix(loss=f"{record['dpo/loss']:.3f}", acc=f"{record['dpo/rewards/accuracies']:.2f}")
+                bar.set_postfix(
+                    loss=f"{record['dpo/loss']:.3f}", acc=f"{record['dpo/rewards/accuracies']:.2f}", refresh=False
+                )
             if (args.eval_steps and step % args.eval_steps == 0) or step == total_steps:
                 eval_metrics = evaluate_and_count()
                 record |= eval_metrics

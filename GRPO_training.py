@@ -414,9 +414,9 @@ def main(args):
         record = logger.log(0, evaluate(0))
         best = update_best(None, 0, record["eval/reward"], policy)
 
-    steps = range(start_step + 1, args.total_steps + 1)
-    progress = tqdm(steps, initial=start_step, total=args.total_steps, desc="grpo", disable=not is_main)
-    for step in progress:
+    # counted by hand, not by iterating: into a log file (a redraw every 30 s) an iterating bar shows a stale count
+    progress = tqdm(total=args.total_steps, initial=start_step, desc="grpo", disable=not is_main)
+    for step in range(start_step + 1, args.total_steps + 1):
         first = ((step - 1) * world + rank) * args.rollout_batch_size
         prompts = [train_prompts[i] for i in order[first : first + args.rollout_batch_size]]
         # 1-5. sample, score, group advantages, reference log-probs, the update(s): `grpo_step` above
@@ -462,7 +462,8 @@ def main(args):
             metrics |= evaluate(step)
             best = update_best(best, step, metrics["eval/reward"], policy)
         logger.log(step, metrics)
-        progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{kl_per_reply:.3f}")
+        progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{kl_per_reply:.3f}", refresh=False)
+        progress.update()  # redraws at most every TQDM_MININTERVAL s, the postfix with it
 
         if is_main and snapshot_due(step, args.total_steps, args.snapshot_every):
             save_snapshot(run_dir, step, policy)
@@ -482,6 +483,7 @@ def main(args):
                 if step < args.total_steps:  # the curves so far (the last step's are drawn with the final policy)
                     plot_metrics(run_dir / "metrics.jsonl", CURVES, run_dir / "grpo_curves.png", "GRPO")
             accelerator.wait_for_everyone()
+    progress.close()
 
     # 8. save the final policy and the best-by-held-out-reward one, each with the run's metrics, curves and card
     if is_main:

@@ -462,7 +462,7 @@ def main(args):
     passes = -(-args.total_steps * global_batch // len(train_prompts))
     order_rng = np.random.default_rng(args.seed)
     order = np.concatenate([order_rng.permutation(len(train_prompts)) for _ in range(passes)])
-    eval_prompts = test_prompt_sample(data["test"], args.eval_prompts, args.seed)[1]  # evaluate_models.py's
+    eval_indices, eval_prompts = test_prompt_sample(data["test"], args.eval_prompts, args.seed)  # evaluate_models.py's
 
     # models: policy + value head (trained), reference (frozen copy of the base), reward model (frozen)
     tokenizer = load_tokenizer(args.model)
@@ -501,8 +501,9 @@ def main(args):
     resume_step = start_step if args.resume else None
     start_tracking(accelerator, args, run_dir, RUN_NAME, resume_step)
     logger = MetricsLogger(run_dir / "metrics.jsonl", resume_step=resume_step, enabled=is_main, tracker=accelerator)
-    progress = tqdm(range(start_step, args.total_steps), desc="ppo", disable=not is_main)
-    for step in progress:
+    # counted by hand, not by iterating: into a log file (a redraw every 30 s) an iterating bar shows a stale count
+    progress = tqdm(total=args.total_steps, initial=start_step, desc="ppo", disable=not is_main)
+    for step in range(start_step, args.total_steps):
         first = step * global_batch + accelerator.process_index * args.rollout_batch_size
         prompts = [train_prompts[i] for i in order[first : first + args.rollout_batch_size]]
 
@@ -525,7 +526,10 @@ def main(args):
         logger.log(step + 1, metrics)
         if args.adapt_kl:
             kl_ctl.update(metrics["objective/kl"], global_batch)
-        progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+        progress.set_postfix(
+            score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}", refresh=False
+        )
+        progress.update()  # redraws at most every TQDM_MININTERVAL s, the postfix with it
         if is_main and (step + 1) % args.log_samples_every == 0:
             tqdm.write(f"step {step + 1}\n" + sample_table(samples.prompts, samples.responses, scores))
         if is_main and snapshot_due(step + 1, args.total_steps, args.snapshot_every):
@@ -535,6 +539,7 @@ def main(args):
                 state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}
                 save_checkpoint(checkpoint_path, {**state, "step": step + 1, "kl_coef": kl_ctl.value})
             accelerator.wait_for_everyone()
+    progress.close()
 
     # data parallel keeps one policy: a gathered checksum shows every process holds the same weights
     if accelerator.num_processes > 1:
@@ -552,6 +557,7 @@ def main(args):
             # final eval: held-out test prompts, the trained policy against the base (= reference) model
             results = {
                 "prompts": len(eval_prompts),
+                "test_indices": eval_indices,  # the test rows scored: evaluate_models.py's `test_index` column
                 "ppo": evaluate(policy, ref_model, tokenizer, reward_model, rm_tokenizer, eval_prompts, args),
                 "base": evaluate(ref_model, ref_model, tokenizer, reward_model, rm_tokenizer, eval_prompts, args),
             }

@@ -3,13 +3,15 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
-STAGES=(data reward gold ppo grpo dpo eval)
+STAGES=(data reward gold ppo grpo dpo eval notebook)
 declare -A SCRIPT=([data]=data_process.py [reward]=reward_model_training.py [gold]=reward_model_training.py
-  [ppo]=PPO_training.py [grpo]=GRPO_training.py [dpo]=DPO_training.py [eval]=evaluate_models.py)
+  [ppo]=PPO_training.py [grpo]=GRPO_training.py [dpo]=DPO_training.py [eval]=evaluate_models.py
+  [notebook]=analysis_notebook.ipynb)
 declare -A FIXED=([gold]="--train_split gold_train") # what makes a stage of a shared script
 # What each stage reads: with --jobs 2, stages whose inputs are ready run side by side
 declare -A NEEDS=([data]="" [reward]=data [gold]=data [ppo]=reward [grpo]=reward [dpo]=data
-  [eval]="reward gold ppo grpo dpo")
+  [eval]="reward gold ppo grpo dpo" [notebook]=eval)
+LAST_DEFAULT=6 # eval: the notebook runs only when named (--only notebook)
 
 usage() {
   cat <<'EOF'
@@ -18,6 +20,8 @@ Usage: bash run_pipeline.sh [--FLAG VALUE ...] [--STAGE.FLAG VALUE ...] [--from 
 Runs data_process.py, reward_model_training.py (the proxy reward model, then the gold one where
 processed_data/ has a gold_train split), PPO_training.py, GRPO_training.py, DPO_training.py and
 evaluate_models.py (stages: data reward gold ppo grpo dpo eval), and stops at the first that fails.
+The stage `notebook` (only when named: --only notebook) executes analysis_notebook.ipynb on the
+work dir's evaluation with nbconvert and saves it, outputs and figures, into --work_dir.
 
   --FLAG VALUE        goes to every stage: --preset, --work_dir, --seed, --model, ...
   --STAGE.FLAG VALUE  goes to one stage only: --ppo.total_steps 5, --dpo.max_steps 40, --eval.num_prompts 50
@@ -32,6 +36,7 @@ evaluate_models.py (stages: data reward gold ppo grpo dpo eval), and stops at th
 
   bash run_pipeline.sh --preset tiny --work_dir runs/demo                       # offline, CPU, minutes
   bash run_pipeline.sh --preset tiny --work_dir runs/demo --from ppo --ppo.total_steps 40
+  bash run_pipeline.sh --preset tiny --work_dir runs/demo --only notebook       # the analysis, executed
   bash run_pipeline.sh --work_dir runs/gpt2                                     # gpt2 + hh-rlhf (GPU)
 EOF
 }
@@ -49,7 +54,7 @@ stage_index() { # the position of stage $1 in STAGES, or a one-line error
 # Split the command line: flags for every stage, flags for one stage (`--ppo.x`), and the stage range.
 # A value is every word after a flag up to the next `--` word, so `--x 1`, `--x=1` and bare switches work.
 declare -A STAGE_ARGS=()
-common=() first=0 last=$((${#STAGES[@]} - 1)) target=common jobs=
+common=() first=0 last=$LAST_DEFAULT target=common jobs=
 while (($#)); do
   word=$1
   shift
@@ -78,7 +83,7 @@ while (($#)); do
     --from | --only)
       (($#)) || die "$word needs a stage (${STAGES[*]})"
       first=$(stage_index "$1" "$word")
-      [[ $word == --only ]] && last=$first
+      [[ $word == --only ]] && last=$first || last=$((first > LAST_DEFAULT ? first : LAST_DEFAULT))
       shift
       continue
       ;;
@@ -139,9 +144,26 @@ ready() { # every stage $1 reads is done
   for need in ${NEEDS[$1]}; do [[ ${STATE[$need]} == done ]] || return 1; done
 }
 
+stage_command() { # the command line of stage $1, into the array `cmd`
+  local own
+  eval "own=(${FIXED[$1]:-} ${STAGE_ARGS[$1]:-})"
+  if [[ $1 == notebook ]]; then # the notebook reads RLHF_WORK_DIR; ipc: no warning about unencrypted TCP
+    cmd=(env "RLHF_WORK_DIR=$work_dir" "$PYTHON" -m jupyter nbconvert --to notebook --execute
+      --KernelManager.transport=ipc "${SCRIPT[$1]}" --output-dir "$work_dir" "${own[@]}")
+  else
+    cmd=("$PYTHON" "${SCRIPT[$1]}" "${common[@]}" "${own[@]}")
+  fi
+}
+
 launch() { # start stage $1: in the foreground when $2 is "fg", else into its log
-  local stage=$1 own
-  eval "own=(${FIXED[$stage]:-} ${STAGE_ARGS[$stage]:-})"
+  local stage=$1 cmd shown
+  stage_command "$stage"
+  shown=${cmd[*]} shown=${shown#"$PYTHON "}
+  local xlsx=$work_dir/rlhf_eval_results_with_base.xlsx
+  if [[ $stage == notebook && ! -f $xlsx && $PYTHON != echo ]]; then
+    common_flags=${common[*]}
+    die "notebook: $xlsx not found: make it first with \`bash run_pipeline.sh ${common_flags:+$common_flags }--only eval\`"
+  fi
   if [[ $stage == gold && ! -d $work_dir/processed_data/gold_train && $PYTHON != echo ]]; then
     echo "== gold: skipped ($work_dir/processed_data has no gold_train split: data_process.py --gold_share F makes one)"
     STATE[$stage]=done
@@ -149,16 +171,15 @@ launch() { # start stage $1: in the foreground when $2 is "fg", else into its lo
   fi
   T0[$stage]=$(date +%s) STATE[$stage]=running
   if [[ $2 == fg ]]; then
-    echo "== ${SCRIPT[$stage]} ${common[*]} ${own[*]}"
+    echo "== $shown"
     local threads=() # alone, with every job's core (tiny) or as the caller set it
     [[ -z $alone_threads ]] || threads=(env "OMP_NUM_THREADS=$alone_threads")
-    "${threads[@]}" "$PYTHON" "${SCRIPT[$stage]}" "${common[@]}" "${own[@]}"
+    "${threads[@]}" "${cmd[@]}"
     finish "$stage"
   else
     mkdir -p "$work_dir/logs"
-    echo "== ${SCRIPT[$stage]} ${common[*]} ${own[*]}  (beside another stage; log: $work_dir/logs/$stage.log)"
-    TQDM_MININTERVAL=${TQDM_MININTERVAL:-30} \
-      "$PYTHON" "${SCRIPT[$stage]}" "${common[@]}" "${own[@]}" >"$work_dir/logs/$stage.log" 2>&1 &
+    echo "== $shown  (beside another stage; log: $work_dir/logs/$stage.log)"
+    TQDM_MININTERVAL=${TQDM_MININTERVAL:-30} "${cmd[@]}" >"$work_dir/logs/$stage.log" 2>&1 &
     PID[$stage]=$!
   fi
 }

@@ -6,6 +6,7 @@ subprocess), into temporary work folders; nothing touches the network.
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -44,6 +45,16 @@ def run_script(script, *argv, check=True, timeout=900, env=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+# as run_pipeline.sh runs a stage into a log file: progress bars redraw every 30 s, not ten times a second
+LOG_FILE_ENV = {**SCRIPT_ENV, "TQDM_MININTERVAL": "30"}
+
+
+def bar_counts(stderr, desc):
+    """The count shown by every state drawn of the progress bar `desc` ("grpo:  50%|... 1/2 [..." -> 1)."""
+    states = re.findall(rf"^{desc}: +\d+%\|[^|]*\| *(\d+)/\d+", stderr.replace("\r", "\n"), re.MULTILINE)
+    return [int(n) for n in states]
 
 
 def free_port():

@@ -12,7 +12,7 @@ import signal
 
 import pytest
 import torch
-from conftest import dead_pid, kill_when, run_script, same_records
+from conftest import LOG_FILE_ENV, bar_counts, dead_pid, kill_when, run_script, same_records
 from safetensors.torch import load_file
 
 import evaluate_models
@@ -56,7 +56,11 @@ def test_ppo_killed_after_its_last_checkpoint_finishes_on_resume(work, tmp_path)
     argv = ["--preset", "tiny", "--total_steps", 3, "--save_every", 100, "--rollout_batch_size", 8]
     argv += ["--num_minibatches", 2, "--max_new_tokens", 12, "--eval_prompts", 48]
     straight = linked(tmp_path / "straight", work)
-    run_script("PPO_training.py", *argv, "--work_dir", straight)
+    first = run_script("PPO_training.py", *argv, "--work_dir", straight, env=LOG_FILE_ENV)
+    # into a log file the bar redraws only when its interval is up, and then with the steps done (a bar that
+    # iterated showed 0/3 at every step, redrawn by its postfix)
+    counts = bar_counts(first.stderr, "ppo")
+    assert counts == sorted(set(counts)) and counts[0] == 0 and counts[-1] == 3, counts
 
     run_dir = work / "runs" / "ppo"
     kill_when(
@@ -96,7 +100,10 @@ def test_grpo_killed_between_its_two_saves_is_caught_by_the_evaluation_and_finis
     argv = ["--preset", "tiny", "--total_steps", 2, "--rollout_batch_size", 2, "--group_size", 2]
     argv += ["--eval_prompts", 4, "--eval_every", 2, "--save_every", 100]
     straight = linked(tmp_path / "straight", work)
-    first = run_script("GRPO_training.py", *argv, "--work_dir", straight)
+    first = run_script("GRPO_training.py", *argv, "--work_dir", straight, env=LOG_FILE_ENV)
+    # into a log file the bar is redrawn around each message, with the steps done by then (it showed 0/2)
+    counts = bar_counts(first.stderr, "grpo")
+    assert counts == sorted(counts) and counts[0] == 0 and 1 in counts and counts[-1] == 2, counts
     # its progress line shows the mean held-out reward, not one reply's
     final_eval = [r for r in read_metrics(straight / "runs" / "grpo" / "metrics.jsonl") if "eval/reward" in r][-1]
     assert f"step 2 | mean eval reward {final_eval['eval/reward']:+.3f} over 4 prompts" in first.stdout

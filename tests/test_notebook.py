@@ -9,6 +9,7 @@ unless the test queued a status code (429, 500, 401) or a literal answer for the
 import json
 import math
 import shutil
+import subprocess
 import time
 
 import nbformat
@@ -16,7 +17,7 @@ import numpy as np
 import openai
 import pandas as pd
 import pytest
-from conftest import REPO, JsonHandler, run_script, serve
+from conftest import REPO, SCRIPT_ENV, JsonHandler, run_script, serve
 from nbclient import NotebookClient
 
 import judge
@@ -192,6 +193,24 @@ def execute_notebook(work, monkeypatch, **env):
     ).execute()
     nbformat.write(nb, work / "analysis_notebook.executed.ipynb")
     return "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+@pytest.mark.slow
+def test_the_runner_executes_the_notebook_into_the_work_dir(eval_outputs, tmp_path, monkeypatch):
+    work = tmp_path / "w"
+    shutil.copytree(eval_outputs, work, symlinks=True)
+    env = {k: v for k, v in SCRIPT_ENV.items() if k not in ("OPENAI_API_KEY", "RLHF_WORK_DIR")}
+    proc = subprocess.run(
+        ["bash", str(REPO / "run_pipeline.sh"), "--preset", "tiny", "--work_dir", str(work), "--only", "notebook",
+         "--notebook.ExecutePreprocessor.startup_timeout=300"],  # a busy machine may start a kernel slowly
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Kernel is running over TCP" not in proc.stdout + proc.stderr
+    executed = nbformat.read(work / "analysis_notebook.ipynb", as_version=4)
+    text = "\n".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
+    assert "policies evaluated: ppo, dpo" in text and "the LLM-judge section is skipped" in text
+    assert (work / "analysis_frontier.png").stat().st_size > 5000
 
 
 @pytest.mark.slow

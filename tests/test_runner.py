@@ -51,12 +51,30 @@ def test_from_and_only_pick_the_stages(tmp_path):
     assert scripts == ["GRPO_training.py", "DPO_training.py", "evaluate_models.py"]
     proc = pipeline("--work_dir", tmp_path, "--only", "reward", "--reward.max_steps", 2)
     assert stage_lines(proc) == [f"reward_model_training.py --work_dir {tmp_path} --max_steps 2"]
+    # the notebook runs only when named, by nbconvert, into the work dir; a dotted flag goes to nbconvert
+    for argv in (["--only", "notebook"], ["--from", "notebook"]):
+        proc = pipeline("--preset", "tiny", "--work_dir", tmp_path, *argv, "--notebook.ExecutePreprocessor.timeout=60")
+        assert stage_lines(proc) == [
+            "-m jupyter nbconvert --to notebook --execute --KernelManager.transport=ipc analysis_notebook.ipynb "
+            f"--output-dir {tmp_path} --ExecutePreprocessor.timeout=60"
+        ]
+
+
+def test_the_notebook_without_an_evaluation_is_one_line_and_runs_nothing(tmp_path):
+    fake = fake_python(tmp_path, f"touch {tmp_path}/ran")
+    proc = run_pipeline("--preset", "tiny", "--work_dir", tmp_path / "w", "--only", "notebook", python=fake)
+    xlsx = tmp_path / "w" / "rlhf_eval_results_with_base.xlsx"
+    assert proc.returncode == 2 and not (tmp_path / "ran").exists()
+    assert proc.stderr.strip() == (
+        f"run_pipeline.sh: error: notebook: {xlsx} not found: make it first with "
+        f"`bash run_pipeline.sh --preset tiny --work_dir {tmp_path / 'w'} --only eval`"
+    )
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--only", "sft"], "--only: unknown stage 'sft' (stages: data reward gold ppo grpo dpo eval)"),
+        (["--only", "sft"], "--only: unknown stage 'sft' (stages: data reward gold ppo grpo dpo eval notebook)"),
         (["--jobs", "0"], "--jobs needs a positive number of stages, got '0'"),
         (["--from"], "--from needs a stage"),
         (["--rm.max_steps", "2"], "--rm.max_steps: unknown stage 'rm'"),
