@@ -303,9 +303,11 @@ def evaluate(policy, ref_model, tokenizer, reward_model, rm_tokenizer, prompts, 
         )  # fmt: skip
         context_length = samples.query_ids.shape[1]
         logits, _ = response_logits(policy, samples.input_ids, samples.attention_mask, context_length, args.temperature)
-        ref_logits, _ = response_logits(
-            ref_model, samples.input_ids, samples.attention_mask, context_length, args.temperature
-        )
+        ref_logits = logits  # base scored against itself: KL 0, without a second forward pass
+        if ref_model is not policy:
+            ref_logits, _ = response_logits(
+                ref_model, samples.input_ids, samples.attention_mask, context_length, args.temperature
+            )
         kl = gather_logprobs(logits, samples.response_ids) - gather_logprobs(ref_logits, samples.response_ids)
         kls.append((kl * samples.response_mask).sum(1))  # (b,)
         lengths.append(samples.response_mask.sum(1).float())

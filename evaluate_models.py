@@ -91,6 +91,7 @@ from common import (
     load_reward_model,
     load_tokenizer,
     read_metrics,
+    remove_leftovers,
     resolve_model_name,
     response_logits,
     run,
@@ -660,6 +661,7 @@ def main(args):
             policies[name] = work_dir / folder
         else:
             print(f"{work_dir / folder} not found: {name} is left out of the evaluation")
+    remove_leftovers(work_dir, *policies.values())  # a killed evaluation's half-written tables and cards
 
     gold, has_gold = None, (work_dir / GOLD_REWARD_MODEL_DIR / "config.json").is_file()
     if has_gold and GOLD_SPLIT not in data:

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import run_script
+from conftest import dead_pid, run_script
 from datasets import load_from_disk
 from transformers import AutoModelForCausalLM
 
@@ -242,6 +242,14 @@ def test_evaluate_end_to_end_tiny(eval_work):
     make_policy(eval_work / DPO_DIR, noise=0.03, seed=2)  # no metrics.jsonl: cost left empty, said so
     (eval_work / common.GOLD_REWARD_MODEL_DIR).symlink_to((eval_work / REWARD_MODEL_DIR).resolve())
     argv = ["--preset", "tiny", "--work_dir", eval_work, "--num_prompts", 40, "--best_of_n", 4]
+    # what an evaluation killed while it wrote its sheet and a card leaves: removed at the start of the next one
+    pid = dead_pid()
+    leftovers = [
+        eval_work / f".rlhf_eval_results_with_base.tmp-{pid}.xlsx",
+        eval_work / DPO_DIR / f".README.md.tmp-{pid}",
+    ]
+    for path in leftovers:
+        path.write_text("half written")
     try:
         proc = run_script("evaluate_models.py", *argv, "--workers", 1)
         # the same evaluation on two forked processes: the same table, byte for byte (the first run's files are
@@ -254,6 +262,8 @@ def test_evaluate_end_to_end_tiny(eval_work):
         kept = (eval_work / name).with_name(name.replace(".", ".prev.", 1))
         assert (eval_work / name).read_bytes() == kept.read_bytes(), name
     assert "evaluating base and ppo, grpo, dpo on 40 test prompts" in proc.stdout
+    for path in leftovers:
+        assert not path.exists() and f"removed {path}: left by a run that was killed (process {pid})" in proc.stdout
     assert "no training cost" in proc.stdout
     assert "reward_mean" in proc.stdout  # the summary table is printed
 

@@ -291,7 +291,7 @@ def test_tiny_run_writes_its_folder_and_beats_the_base_model(tiny_pipeline):
     base, tuned = results["base"], results["ppo"]
     assert results["prompts"] == base["n"] == tuned["n"] == 150
     assert tuned["score"] - base["score"] > 3 * math.hypot(base["score_se"], tuned["score_se"]), results
-    assert math.isfinite(tuned["kl"]) and tuned["kl"] > 0
+    assert math.isfinite(tuned["kl"]) and tuned["kl"] > 0 and base["kl"] == 0
     assert tuned["distinct_share"] >= 0.5
     assert tuned["length"] >= 0.5 * base["length"]
 
