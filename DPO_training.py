@@ -47,6 +47,7 @@ log 2 and every implicit reward is 0 (a tie, counted as a wrong answer by the ac
 
 import math
 import shutil
+import sys
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -342,7 +343,9 @@ def mean_stats(stats, accelerator, prefix):
 def evaluate(policy, ref_model, ref_table, loader, args, accelerator):
     """DPO loss, implicit rewards and accuracy on the validation pairs: ({eval/key: float}, tokens through forwards)."""
     stats, tokens = [], 0
-    for batch in tqdm(loader, desc="eval", leave=False, disable=not accelerator.is_main_process):
+    # under the training bar: into a log file a second bar moves the cursor with escape codes, so terminals only
+    bars = accelerator.is_main_process and sys.stderr.isatty()
+    for batch in tqdm(loader, desc="eval", leave=False, disable=not bars):
         chosen_logps, rejected_logps = batch_logps(policy, batch)
         ref_chosen_logps, ref_rejected_logps = reference_logps(ref_model, ref_table, batch, accelerator)
         losses, chosen_rewards, rejected_rewards = dpo_loss(

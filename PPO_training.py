@@ -567,7 +567,8 @@ def main(args):
                 r = results[name]
                 print(
                     f"eval {name:>4}: score {r['score']:.3f} +- {r['score_se']:.3f}, KL {r['kl']:.2f}, "
-                    f"distinct {r['distinct_share']:.2f}, length {r['length']:.1f} tokens ({r['n']} test prompts, evaluate_models.py's sample)"
+                    f"distinct {r['distinct_share']:.2f}, length {r['length']:.1f} tokens (on {r['n']} test prompts: "
+                    f"those of evaluate_models.py --num_prompts {r['n']} --seed {args.seed})"
                 )
         plot_metrics(run_dir / "metrics.jsonl", PLOT_KEYS, run_dir / f"{RUN_NAME}_curves.png", title="PPO")
         save_pretrained_atomic(

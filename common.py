@@ -25,6 +25,7 @@ import re
 import resource
 import shlex
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -129,7 +130,8 @@ def parse_args(args_cls, tiny=None, argv=None):
     parser = _Parser(args_cls, allow_abbrev=False)  # `--total_step 5` is a mistake, not --total_steps
     for action in parser._actions:  # argparse %-formats help texts: a literal "95%" must be "95%%"
         if action.option_strings[0].startswith("--no_"):  # HfArgumentParser copies the positive flag's help
-            action.help = f"turn off --{action.option_strings[0][5:]}"
+            # "%(default).0s" prints nothing, and keeps the formatter from adding this action's "(default: False)"
+            action.help = f"turn off --{action.option_strings[0][5:]}%(default).0s"
         elif action.help:
             action.help = re.sub(r"%(?!\()", "%%", action.help)
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -156,6 +158,7 @@ def run(main, args_cls, tiny=None, checkpoint=None):
     says whether --resume has something to continue from."""
     args = parse_args(args_cls, tiny)
     started = time.time()
+    signal.signal(signal.SIGTERM, stop_as_interrupted)  # how run_pipeline.sh stops the stages beside another
     try:
         check_work_dir(args.work_dir)
         use_cache_if_hub_unreachable(args)
@@ -171,6 +174,11 @@ def run(main, args_cls, tiny=None, checkpoint=None):
         if isinstance(e.__cause__ or e.__context__, KeyboardInterrupt):
             sys.exit(interrupted(args, checkpoint, started))
         raise
+
+
+def stop_as_interrupted(signum, frame):
+    """SIGTERM (`kill`, or run_pipeline.sh stopping the stages beside an interrupted one) ends a run as Ctrl-C does."""
+    raise KeyboardInterrupt
 
 
 def interrupted(args, checkpoint, started):
@@ -503,6 +511,18 @@ def command(script, args):
     if resolve_model_name(args.model) != resolve_model_name(PRESETS[args.preset]["model"]):
         words += ["--model", args.model]
     return shlex.join(words)
+
+
+def command_for_work_dir(script, work_dir):
+    """`command(script, ...)` for the run in `work_dir`: the preset and model its models were trained with (their
+    args.json), or None where none of its folders has one."""
+    from types import SimpleNamespace
+
+    for path in sorted(Path(work_dir).glob("*/args.json")):
+        saved = json.loads(path.read_text())
+        if saved.get("preset") in PRESETS and saved.get("model"):
+            return command(script, SimpleNamespace(preset=saved["preset"], model=saved["model"], work_dir=work_dir))
+    return None
 
 
 def load_reward_model(work_dir, device, args=None, gold=False):

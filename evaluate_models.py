@@ -59,6 +59,7 @@ Deliberate choices:
 
 import json
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -436,6 +437,13 @@ def run_job(job):
     return evaluate_model(label, model, reference, c["tokenizer"], c["prompts"], c["scorers"], c["args"], progress)
 
 
+def init_worker():
+    """A forked evaluation process: one thread; Ctrl-C and SIGTERM are the parent's (it ends the pool quietly)."""
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not common.run's interrupt: the pool's end is no interruption
+
+
 def run_jobs(jobs, workers):
     """Every job's result, in order: one after another, or on `workers` forked processes of one thread each (CPU),
     which inherit the loaded models. Each job seeds itself, so the results are the same either way."""
@@ -445,13 +453,14 @@ def run_jobs(jobs, workers):
     import multiprocessing
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers' tokenizers are forked: no threads in them
-    with multiprocessing.get_context("fork").Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+    with multiprocessing.get_context("fork").Pool(workers, initializer=init_worker) as pool:
         return list(tqdm(pool.imap(run_job, jobs), total=len(jobs), desc=f"evaluate ({workers} processes)"))
 
 
 def plot_frontier(path, table):
     """Proxy reward, gold reward and the oracle's share of real answers against sqrt(KL to base): one line per
-    method from base through its snapshots to its final policy, best-of-N from base as the reference curve."""
+    method from base through its snapshots to its final policy, best-of-N from base as the reference curve.
+    Returns each panel's y range, by column."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -482,11 +491,14 @@ def plot_frontier(path, table):
         ax.set_xlabel("sqrt(KL to base), nats^0.5")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
+        if key == "oracle_good":  # a share on its whole scale: 0.58 -> 0.69 is no cliff
+            ax.set_ylim(-0.02, 1.02)
     axes[0][0].legend(fontsize=8)
     fig.suptitle("what the policies bought: reward against drift from base")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return {key: ax.get_ylim() for ax, (key, _, _) in zip(axes[0], panels)}
 
 
 def results_table(prompts, results):

@@ -40,6 +40,7 @@ Deliberate departures from the seed (and from TRL's RewardTrainer):
 
 import json
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,6 +255,11 @@ class ProgressWithoutLogs(ProgressCallback):
         if state.is_world_process_zero and "eval/accuracy" in metrics:
             line = f"step {state.global_step}: validation accuracy {metrics['eval/accuracy']:.4f}, "
             tqdm.write(line + f"loss {metrics['eval/loss']:.4f}, margin {metrics['eval/margin']:.3f}")
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        # under the training bar: into a log file a second bar moves the cursor with escape codes, so terminals only
+        if self.training_bar is None or sys.stderr.isatty():
+            super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
 
 
 def compute_metrics(eval_pred):

@@ -197,7 +197,10 @@ stop_stages() {
     [[ ${STATE[$stage]} == running ]] && kill "${PID[$stage]}" 2>/dev/null && stopped+=("$stage")
   done
   wait
-  echo "run_pipeline.sh: interrupted; stopped ${stopped[*]:-no stage} (rerun with --from STAGE; a training script continues its checkpoint with --STAGE.resume)" >&2
+  echo "run_pipeline.sh: interrupted; stopped ${stopped[*]:-no stage} (rerun with --from STAGE; what each one said:)" >&2
+  for stage in "${stopped[@]}"; do # its own last line: whether --STAGE.resume has a checkpoint to continue
+    echo "  $stage: $(tail -n 1 "$work_dir/logs/$stage.log")" >&2
+  done
   exit 130
 }
 trap stop_stages INT TERM

@@ -430,7 +430,9 @@ def main(out_dir=OUT_DIR, seed=0):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--out_dir", default=str(OUT_DIR))
     parser.add_argument("--seed", type=int, default=0)
     cli = parser.parse_args()

@@ -61,6 +61,7 @@ def test_ppo_killed_after_its_last_checkpoint_finishes_on_resume(work, tmp_path)
     # iterated showed 0/3 at every step, redrawn by its postfix)
     counts = bar_counts(first.stderr, "ppo")
     assert counts == sorted(set(counts)) and counts[0] == 0 and counts[-1] == 3, counts
+    assert "\x1b" not in first.stderr
 
     run_dir = work / "runs" / "ppo"
     kill_when(
@@ -104,6 +105,7 @@ def test_grpo_killed_between_its_two_saves_is_caught_by_the_evaluation_and_finis
     # into a log file the bar is redrawn around each message, with the steps done by then (it showed 0/2)
     counts = bar_counts(first.stderr, "grpo")
     assert counts == sorted(counts) and counts[0] == 0 and 1 in counts and counts[-1] == 2, counts
+    assert "\x1b" not in first.stderr
     # its progress line shows the mean held-out reward, not one reply's
     final_eval = [r for r in read_metrics(straight / "runs" / "grpo" / "metrics.jsonl") if "eval/reward" in r][-1]
     assert f"step 2 | mean eval reward {final_eval['eval/reward']:+.3f} over 4 prompts" in first.stdout
@@ -143,7 +145,8 @@ def test_dpo_killed_after_its_last_checkpoint_finishes_on_resume(tiny_data_dir, 
     argv += ["--per_device_train_batch_size", 4, "--max_steps", 4, "--save_every", 100, "--eval_steps", 2]
     straight = linked(tmp_path / "straight", tiny_data_dir, [PROCESSED_DIR])
     work = linked(tmp_path / "work", tiny_data_dir, [PROCESSED_DIR])
-    first = run_script("DPO_training.py", *argv, "--work_dir", straight)
+    first = run_script("DPO_training.py", *argv, "--work_dir", straight, env=LOG_FILE_ENV)
+    assert "\x1b" not in first.stderr  # its evaluation bar under the training bar would move the cursor
 
     checkpoint = work / "runs" / "dpo" / "checkpoint.pt"
     kill_when("DPO_training.py", *argv, "--work_dir", work, moment=checkpoint.exists, log=tmp_path / "log")
@@ -239,12 +242,13 @@ def test_save_steps_must_follow_a_log(tiny_data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_says_whether_there_is_a_checkpoint_to_resume(work, tmp_path):
+def test_ctrl_c_or_sigterm_says_whether_there_is_a_checkpoint_to_resume(work, tmp_path):
     argv = ["--preset", "tiny", "--work_dir", work, "--total_steps", 50, "--save_every", 2, "--rollout_batch_size", 8]
     argv += ["--num_minibatches", 2, "--max_new_tokens", 12]
     metrics, checkpoint = work / "runs" / "ppo" / "metrics.jsonl", work / "runs" / "ppo" / "checkpoint.pt"
     out = kill_when("PPO_training.py", *argv, moment=metrics.exists, log=tmp_path / "first", sig=signal.SIGINT)
     assert not checkpoint.exists()
     assert "interrupted before the first checkpoint: rerun the same command, without --resume" in out
-    out = kill_when("PPO_training.py", *argv, moment=checkpoint.exists, log=tmp_path / "second", sig=signal.SIGINT)
+    # SIGTERM, as run_pipeline.sh stops the stages beside an interrupted one, says the same as Ctrl-C
+    out = kill_when("PPO_training.py", *argv, moment=checkpoint.exists, log=tmp_path / "second", sig=signal.SIGTERM)
     assert f"interrupted: rerun the same command with --resume to continue from {checkpoint}" in out

@@ -22,6 +22,7 @@ from evaluate_models import (
     bootstrap_ci,
     load_oracle,
     main,
+    plot_frontier,
     results_table,
     sequence_kl,
     summarize,
@@ -451,3 +452,17 @@ def test_the_tiny_pipeline_leaves_a_frontier_of_every_method_and_best_of_n(tiny_
     summary = pd.read_excel(tiny_pipeline / "rlhf_eval_results_with_base.xlsx", sheet_name="summary")
     assert summary.gold_mean.notna().all()
     assert (tiny_pipeline / "rlhf_eval_frontier.png").stat().st_size > 10_000
+
+
+def test_the_frontier_draws_the_oracle_share_on_its_whole_scale(tmp_path):
+    columns = ["method", "step", "n", "sqrt_kl", "proxy_mean", "proxy_ci_low", "proxy_ci_high", "oracle_good",
+               "oracle_good_ci_low", "oracle_good_ci_high"]  # fmt: skip
+    rows = [
+        ("base", 0, None, 0.0, 0.9, 0.6, 1.2, 0.58, 0.50, 0.66),
+        ("ppo", 10, None, 1.2, 1.9, 1.8, 2.0, 0.69, 0.62, 0.76),
+        ("best_of_n", None, 2, 0.4, 1.3, 1.1, 1.5, 0.62, 0.55, 0.69),
+    ]
+    ranges = plot_frontier(tmp_path / "frontier.png", pd.DataFrame(rows, columns=columns))
+    assert ranges["oracle_good"] == (-0.02, 1.02)
+    assert 0.5 < ranges["proxy_mean"][0] < 0.7 and 2.0 < ranges["proxy_mean"][1] < 2.2  # a reward keeps its own
+    assert (tmp_path / "frontier.png").stat().st_size > 5000

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 from conftest import REPO, SCRIPT_ENV, JsonHandler, run_script, serve
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 import judge
 from common import DPO_DIR, PPO_DIR, PROCESSED_DIR, REWARD_MODEL_DIR
@@ -193,6 +194,17 @@ def execute_notebook(work, monkeypatch, **env):
     ).execute()
     nbformat.write(nb, work / "analysis_notebook.executed.ipynb")
     return "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def test_notebook_without_an_evaluation_names_the_command_for_the_runs_preset_and_model(tmp_path, monkeypatch):
+    work = tmp_path / "w"
+    (work / PPO_DIR).mkdir(parents=True)
+    saved = {"preset": "gpt2", "model": "gpt2-medium", "work_dir": "elsewhere"}  # as PPO_training.py saved it
+    (work / PPO_DIR / "args.json").write_text(json.dumps(saved))
+    with pytest.raises(CellExecutionError) as error:
+        execute_notebook(work, monkeypatch)
+    assert f"{work / 'rlhf_eval_results_with_base.xlsx'} not found" in str(error.value)
+    assert f"`python evaluate_models.py --preset gpt2 --work_dir {work} --model gpt2-medium`" in str(error.value)
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, SCRIPT_ENV, run_script
+from conftest import LOG_FILE_ENV, REPO, SCRIPT_ENV, run_script
 
 from common import parse_args
 
@@ -104,13 +104,20 @@ def test_abbreviated_flags_are_refused(capsys):
         parse_args(ppo.Args, ppo.TINY, ["--pre", "tiny"])
 
 
+@pytest.mark.parametrize("script", ["assets/make_tiny_data.py", "assets/make_tiny_model.py"])
+def test_the_asset_builders_refuse_abbreviated_flags_too(script, tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / script), "--out", tmp_path], capture_output=True, text=True)
+    assert proc.returncode == 2 and "error: unrecognized arguments: --out" in proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing written to a folder it guessed
+
+
 def test_a_negated_flag_says_what_it_does(capsys):
     import PPO_training as ppo
 
     with pytest.raises(SystemExit):
         parse_args(ppo.Args, ppo.TINY, ["--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "--no_adapt_kl, --no-adapt-kl turn off --adapt_kl" in out
+    assert "--no_adapt_kl, --no-adapt-kl turn off --adapt_kl --target_kl" in out  # no "(default: False)"
 
 
 def test_an_unreachable_hub_fails_in_one_line_without_retrying(tmp_path):
@@ -138,9 +145,17 @@ def test_a_missing_local_dataset_is_said_before_the_model_loads(tmp_path):
 def test_a_reward_model_run_prints_what_a_person_needs_not_library_noise(tiny_data_dir, tmp_path):
     (tmp_path / "processed_data").symlink_to(tiny_data_dir / "processed_data")
     argv = ["--preset", "tiny", "--work_dir", tmp_path, "--max_steps", 2, "--logging_steps", 1, "--eval_steps", 2]
-    proc = run_script("reward_model_training.py", *argv, "--save_steps", 2, "--max_eval_samples", 16)
+    # into a log file, as run_pipeline.sh runs a stage beside another
+    proc = run_script("reward_model_training.py", *argv, "--save_steps", 2, "--max_eval_samples", 16, env=LOG_FILE_ENV)
     output = proc.stdout + proc.stderr
-    for noise in ("LOAD REPORT", "Consider training on your downstream task", "Loading weights", "{'loss'"):
+    noises = [
+        "LOAD REPORT",
+        "score.weight | MISSING",
+        "Consider training on your downstream task",
+        "Loading weights",
+        "Writing model shards",
+    ]
+    for noise in [*noises, "{'loss'", "\x1b"]:  # Trainer's dicts; the evaluation bar under the training bar
         assert noise not in output, noise
     assert "with a new score head" in proc.stdout and "step 2: validation accuracy" in output
 
@@ -213,7 +228,9 @@ def test_a_stage_failing_beside_another_stops_the_pipeline_with_its_log(tmp_path
 def test_ctrl_c_stops_the_stages_running_beside_each_other(tmp_path):
     """A script's background jobs ignore SIGINT: the runner stops them itself, so none writes on behind a rerun."""
     events = tmp_path / "events"
-    fake = fake_python(tmp_path, f'echo "$$" >> {events}; exec sleep 60')
+    # each stage stopped says what it can do, as the scripts do on SIGTERM; the runner repeats its last line
+    body = f'echo "$$" >> {events}; trap \'kill $!; echo "interrupted: $1 can --resume"; exit 1\' TERM; sleep 60 & wait'
+    fake = fake_python(tmp_path, body)
     env = {k: v for k, v in os.environ.items() if k not in ("TQDM_MININTERVAL", "OMP_NUM_THREADS")}
     argv = ["--preset", "tiny", "--work_dir", tmp_path / "w", "--jobs=2", "--from", "reward"]
     runner = subprocess.Popen(
@@ -231,6 +248,8 @@ def test_ctrl_c_stops_the_stages_running_beside_each_other(tmp_path):
     out, err = runner.communicate(timeout=30)
     assert runner.returncode == 130, err
     assert "run_pipeline.sh: interrupted; stopped reward dpo" in err
+    assert "  reward: interrupted: reward_model_training.py can --resume" in err
+    assert "  dpo: interrupted: DPO_training.py can --resume" in err
     for pid in map(int, events.read_text().split()):
         with pytest.raises(ProcessLookupError):  # the stage is gone, not orphaned
             os.kill(pid, 0)
