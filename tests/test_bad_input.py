@@ -121,7 +121,10 @@ def test_a_damaged_reward_model_is_one_line(tiny_reward_dir, tmp_path, cut, expe
 def test_a_truncated_reward_model_stops_each_of_its_users_in_one_line(tiny_reward_dir, tmp_path, script):
     weights = reward_model_copy(tiny_reward_dir, tmp_path, cut=True)
     proc = run_script(script, "--preset", "tiny", "--work_dir", tmp_path, check=False)
-    assert f"{weights} is unreadable" in one_line_error(proc)
+    line = one_line_error(proc)
+    # the hint repeats the run's preset: pasting it retrains this run's reward model, not gpt2's
+    assert f"{weights} is unreadable" in line
+    assert line.endswith(f"retrain it with `python reward_model_training.py --preset tiny --work_dir {tmp_path}`")
 
 
 @pytest.mark.parametrize("size", [0, -8])
