@@ -159,10 +159,9 @@ launch() { # start stage $1: in the foreground when $2 is "fg", else into its lo
   local stage=$1 cmd shown
   stage_command "$stage"
   shown=${cmd[*]} shown=${shown#"$PYTHON "}
-  local xlsx=$work_dir/rlhf_eval_results_with_base.xlsx
+  local xlsx=$work_dir/rlhf_eval_results_with_base.xlsx flags=${common[*]}
   if [[ $stage == notebook && ! -f $xlsx && $PYTHON != echo ]]; then
-    common_flags=${common[*]}
-    die "notebook: $xlsx not found: make it first with \`bash run_pipeline.sh ${common_flags:+$common_flags }--only eval\`"
+    die "notebook: $xlsx not found: make it first with \`bash run_pipeline.sh ${flags:+$flags }--only eval\`"
   fi
   if [[ $stage == gold && ! -d $work_dir/processed_data/gold_train && $PYTHON != echo ]]; then
     echo "== gold: skipped ($work_dir/processed_data has no gold_train split: data_process.py --gold_share F makes one)"
