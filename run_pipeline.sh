@@ -11,7 +11,6 @@ declare -A FIXED=([gold]="--train_split gold_train") # what makes a stage of a s
 # What each stage reads: with --jobs 2, stages whose inputs are ready run side by side
 declare -A NEEDS=([data]="" [reward]=data [gold]=data [ppo]=reward [grpo]=reward [dpo]=data
   [eval]="reward gold ppo grpo dpo" [notebook]=eval)
-LAST_DEFAULT=6 # eval: the notebook runs only when named (--only notebook)
 
 usage() {
   cat <<'EOF'
@@ -50,6 +49,7 @@ stage_index() { # the position of stage $1 in STAGES, or a one-line error
   for i in "${!STAGES[@]}"; do [[ ${STAGES[i]} == "$1" ]] && echo "$i" && return; done
   die "$2: unknown stage '$1' (stages: ${STAGES[*]})"
 }
+LAST_DEFAULT=$(stage_index eval) # the last stage run by default: the notebook runs only when named
 
 # Split the command line: flags for every stage, flags for one stage (`--ppo.x`), and the stage range.
 # A value is every word after a flag up to the next `--` word, so `--x 1`, `--x=1` and bare switches work.
