@@ -59,40 +59,38 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from common import (
-    DPO_DIR,
-    FINISHING,
-    MetricsLogger,
-    TrainArgs,
-    atomic_write_json,
-    card_writer,
-    check,
-    check_resumable,
-    end_run,
     gather_logprobs,
     join_conversation,
     load_causal_lm,
-    load_checkpoint,
     load_processed_data,
     load_tokenizer,
     make_accelerator,
-    plot_metrics,
-    remove_leftovers,
     response_logits,
+    save_pretrained_atomic,
+    set_seed,
+    unwrap,
+)
+from lifecycle import (
+    DPO_DIR,
+    FINISHING,
+    PolicyArgs,
+    atomic_write_json,
+    check,
+    check_resumable,
+    load_checkpoint,
+    remove_leftovers,
     run,
     save_args,
     save_checkpoint,
-    save_pretrained_atomic,
     save_snapshot,
-    set_seed,
     snapshot_due,
-    start_tracking,
     sync_snapshots,
-    unwrap,
 )
+from reporting import MetricsLogger, card_writer, end_run, plot_metrics, start_tracking
 
 
 @dataclass
-class Args(TrainArgs):
+class Args(PolicyArgs):
     # data
     max_train_samples: int = field(default=0, metadata={"help": "use the first N pairs of the train split (0 = all)"})
     max_eval_samples: int = field(default=0, metadata={"help": "use the first N validation pairs (0 = all)"})
@@ -128,15 +126,6 @@ class Args(TrainArgs):
     eval_steps: int = field(
         default=100, metadata={"help": "evaluate on validation every N optimizer steps (0 = end only)"}
     )
-    save_every: int = field(default=100, metadata={"help": "write runs/dpo/checkpoint.pt every N optimizer steps"})
-    snapshot_every: int = field(
-        default=0,
-        metadata={
-            "help": "keep a policy-only snapshot every N steps in runs/dpo/snapshots/ for evaluate_models.py's "
-            "frontier (0 = off; about 500 MB each for gpt2)"
-        },
-    )
-    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in runs/dpo/"})
 
 
 # Tiny: a high learning rate for a few steps of a 1M model. With an earlier tiny model, 5e-4 drifted to word
@@ -459,7 +448,12 @@ def main(args):
     batches_per_epoch = math.ceil(len(train_set) / (args.per_device_train_batch_size * num_processes))
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     total_steps = args.max_steps or args.num_train_epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(  # fused: one kernel for every parameter on a GPU, not one per tensor
+        policy.parameters(),
+        lr=args.learning_rate,
+        weight_decay=args.weight_decay,
+        fused=accelerator.device.type == "cuda",
+    )
     # A prepared scheduler advances num_processes times per optimizer step (accelerate's convention).
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(args.warmup_ratio * total_steps) * num_processes, total_steps * num_processes
@@ -472,6 +466,16 @@ def main(args):
         scheduler.load_state_dict(state["scheduler"])
         step, eval_metrics = state["step"], state.get("last_eval")
         check(step <= total_steps, f"--resume: the checkpoint is at step {step} of {total_steps}; raise --max_steps")
+        # The checkpoint's optimizer holds the rate its own schedule gave the next step (0 after its last): a run
+        # resumed for another number of steps follows this run's schedule from here instead.
+        rates = [base * decay(scheduler.last_epoch) for base, decay in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, rate in zip(optimizer.param_groups, rates):
+            group["lr"] = rate
+        if state.get("total_steps", total_steps) != total_steps:
+            print(
+                f"--resume: the checkpoint's run had {state['total_steps']} steps, this one {total_steps}: the "
+                f"learning rate follows the schedule of {total_steps} steps from step {step} on ({rates[0]:.3g})"
+            )
         print(f"resumed from {checkpoint_path} at step {step}{FINISHING if step == total_steps else ''}")
     policy, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         policy, optimizer, train_loader, val_loader, scheduler
@@ -510,13 +514,14 @@ def main(args):
         if is_main:
             state = {"model": unwrap(policy).state_dict(), "optimizer": optimizer.state_dict()}
             state |= {"scheduler": scheduler.state_dict(), "step": step, "last_eval": eval_metrics}
+            state["total_steps"] = total_steps
             save_checkpoint(checkpoint_path, state)
             if step < total_steps:  # the curves so far (the last step's are drawn with the final policy)
                 plot_metrics(logger.path, PLOT_KEYS, run_dir / f"{RUN_NAME}_curves.png", title="DPO")
 
     last_saved = step if args.resume else None
     if is_main:
-        sync_snapshots(run_dir, step, total_steps, args.snapshot_every, policy)
+        sync_snapshots(run_dir, step, total_steps, args.snapshot_every, unwrap(policy))
     window, tokens = [], 0  # per-pair stats and tokens since the last log
     bar = tqdm(total=total_steps, initial=step, desc="dpo", disable=not is_main)
     policy.train()
@@ -557,7 +562,7 @@ def main(args):
             if record:
                 logger.log(step, record)
             if is_main and snapshot_due(step, total_steps, args.snapshot_every):
-                save_snapshot(run_dir, step, policy)
+                save_snapshot(run_dir, step, unwrap(policy))
             if step % args.save_every == 0 or step == total_steps:
                 save(step)
                 last_saved = step

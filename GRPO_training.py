@@ -52,48 +52,45 @@ from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from common import (
-    FINISHING,
-    GRPO_BEST_DIR,
-    GRPO_FINAL_DIR,
-    RUN_ID_FILE,
     AdaptiveKLController,
-    MetricsLogger,
-    TrainArgs,
-    atomic_write_json,
-    card_writer,
-    check,
-    check_resumable,
-    end_run,
     entropy_from_logits,
     gather_logprobs,
     generate_responses,
     get_reward,
     load_causal_lm,
-    load_checkpoint,
     load_processed_data,
     load_reward_model,
     load_tokenizer,
     make_accelerator,
     masked_mean,
-    plot_metrics,
-    read_metrics,
-    remove_leftovers,
     response_logits,
+    save_pretrained_atomic,
+    set_seed,
+    unwrap,
+)
+from lifecycle import (
+    FINISHING,
+    GRPO_BEST_DIR,
+    GRPO_FINAL_DIR,
+    RUN_ID_FILE,
+    PolicyArgs,
+    atomic_write_json,
+    check,
+    check_resumable,
+    load_checkpoint,
+    remove_leftovers,
     run,
     save_args,
     save_checkpoint,
-    save_pretrained_atomic,
     save_snapshot,
-    set_seed,
     snapshot_due,
-    start_tracking,
     sync_snapshots,
-    unwrap,
 )
+from reporting import MetricsLogger, card_writer, end_run, plot_metrics, read_metrics, start_tracking
 
 
 @dataclass
-class Args(TrainArgs):
+class Args(PolicyArgs):
     # data
     max_prompt_length: int = field(default=192, metadata={"help": "prompt tokens kept, truncated from the left"})
     reward_max_length: int = field(
@@ -126,15 +123,6 @@ class Args(TrainArgs):
     # output
     eval_every: int = field(default=100, metadata={"help": "steps between held-out evaluations (best checkpoint)"})
     eval_batch_size: int = field(default=64, metadata={"help": "prompts per generate call when evaluating"})
-    save_every: int = field(default=100, metadata={"help": "steps between checkpoints in runs/grpo/"})
-    snapshot_every: int = field(
-        default=0,
-        metadata={
-            "help": "keep a policy-only snapshot every N steps in runs/grpo/snapshots/ for evaluate_models.py's "
-            "frontier (0 = off; about 500 MB each for gpt2)"
-        },
-    )
-    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in runs/grpo/"})
 
 
 # The tiny base model samples at ~0.3 nats per token: the seed's target_entropy of 1.8 (and its weak
@@ -156,6 +144,7 @@ TINY = dict(
     snapshot_every=8,
 )
 
+RUN_NAME = "grpo"
 CURVES = [
     "objective/scores",
     "eval/reward",
@@ -343,7 +332,7 @@ def main(args):
         "--clip_range and --std_eps must be > 0, --kl_coef >= 0",
     )
     check(not args.adapt_kl or args.target_kl > 0, f"--target_kl must be > 0 with --adapt_kl, got {args.target_kl}")
-    run_dir = Path(args.work_dir) / "runs" / "grpo"
+    run_dir = Path(args.work_dir) / "runs" / RUN_NAME
     ckpt_path = run_dir / "checkpoint.pt"
     if args.resume:
         check_resumable(ckpt_path)
@@ -371,7 +360,12 @@ def main(args):
     reward_model, reward_tokenizer = load_reward_model(args.work_dir, device, args)
     policy.eval()  # dropout off: the loss's log-probs are those of the policy that sampled
     reference.eval()
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(  # fused: one kernel for every parameter on a GPU, not one per tensor
+        policy.parameters(),
+        lr=args.learning_rate,
+        weight_decay=args.weight_decay,
+        fused=accelerator.device.type == "cuda",
+    )
     policy, optimizer = accelerator.prepare(policy, optimizer)
     kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)
 
@@ -387,11 +381,11 @@ def main(args):
         if is_main:
             print(f"resumed from {ckpt_path} at step {start_step}{FINISHING if start_step == args.total_steps else ''}")
     resume_step = start_step if args.resume else None
-    start_tracking(accelerator, args, run_dir, "grpo", resume_step)
+    start_tracking(accelerator, args, run_dir, RUN_NAME, resume_step)
     logger = MetricsLogger(run_dir / "metrics.jsonl", resume_step=resume_step, enabled=is_main, tracker=accelerator)
     if is_main:
         save_args(args, run_dir / "args.json")
-        sync_snapshots(run_dir, start_step, args.total_steps, args.snapshot_every, policy)
+        sync_snapshots(run_dir, start_step, args.total_steps, args.snapshot_every, unwrap(policy))
 
     def evaluate(step):
         """Held-out mean reward, identical on every process (each samples its share, then all gather)."""
@@ -466,7 +460,7 @@ def main(args):
         progress.update()  # redraws at most every TQDM_MININTERVAL s, the postfix with it
 
         if is_main and snapshot_due(step, args.total_steps, args.snapshot_every):
-            save_snapshot(run_dir, step, policy)
+            save_snapshot(run_dir, step, unwrap(policy))
         if step % args.save_every == 0 or step == args.total_steps:
             if is_main:
                 save_checkpoint(
@@ -524,4 +518,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run(main, Args, TINY, checkpoint=lambda args: Path(args.work_dir) / "runs" / "grpo" / "checkpoint.pt")
+    run(main, Args, TINY, checkpoint=lambda args: Path(args.work_dir) / "runs" / RUN_NAME / "checkpoint.pt")

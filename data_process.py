@@ -41,19 +41,21 @@ from tqdm import tqdm
 from common import (
     CHAR_LIMIT,
     FILTER_RULES,
+    drop_reason,
+    load_preference_data,
+    load_tokenizer,
+    set_seed,
+    split_conversation,
+)
+from lifecycle import (
     GOLD_SPLIT,
     PROCESSED_DIR,
     CommonArgs,
     atomic_write_json,
     check,
-    drop_reason,
-    load_preference_data,
-    load_tokenizer,
     replace_folder,
     resolve_model_name,
     run,
-    set_seed,
-    split_conversation,
 )
 
 

@@ -69,6 +69,18 @@ import torch
 from tqdm import tqdm
 
 from common import (
+    gather_logprobs,
+    generate_responses,
+    get_reward,
+    load_causal_lm,
+    load_processed_data,
+    load_reward_model,
+    load_tokenizer,
+    response_logits,
+    set_seed,
+    test_prompt_sample,
+)
+from lifecycle import (
     DPO_DIR,
     GOLD_REWARD_MODEL_DIR,
     GOLD_SPLIT,
@@ -79,27 +91,15 @@ from common import (
     RUN_ID_FILE,
     TINY_DATA_DIR,
     CommonArgs,
-    add_evaluation_to_card,
     check,
     command,
-    command_line,
     damage,
-    gather_logprobs,
-    generate_responses,
-    get_reward,
-    load_causal_lm,
-    load_processed_data,
-    load_reward_model,
-    load_tokenizer,
-    read_metrics,
     remove_leftovers,
     resolve_model_name,
-    response_logits,
     run,
-    set_seed,
     snapshots,
-    test_prompt_sample,
 )
+from reporting import add_evaluation_to_card, command_line, read_metrics
 
 
 @dataclass
@@ -441,7 +441,7 @@ def init_worker():
     """A forked evaluation process: one thread; Ctrl-C and SIGTERM are the parent's (it ends the pool quietly)."""
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not common.run's interrupt: the pool's end is no interruption
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not lifecycle.run's interrupt: the pool's end is no interruption
 
 
 def run_jobs(jobs, workers):

@@ -10,9 +10,11 @@ the environment by the client and never written anywhere by us.
   "invalid".
 * Every pair is judged in both orders to cancel position bias: a policy wins when both
   orders prefer it, loses when both prefer base, and ties when the orders disagree.
+  A pair whose two replies are identical (a policy that repeats base's reply) is a tie
+  without a request: there is nothing to judge.
 * `compare_many` asks the judgements not in the cache `concurrency` at a time (a thread
   pool; the notebook reads RLHF_JUDGE_CONCURRENCY, default 8), each question once even
-  when several pairs share it (a policy that repeats base's reply).
+  when several pairs share it (two policies with the same reply).
 * A rate limit (429) pauses the whole pool, not only the request that got it, for the
   server's Retry-After or the backoff (`base_delay * 2**attempt`), whichever is longer:
   the other requests would only collect 429s of their own, and a rate-limit storm would
@@ -61,7 +63,7 @@ from statsmodels.discrete.discrete_model import Logit
 from statsmodels.stats.inter_rater import cohens_kappa
 from tqdm import tqdm
 
-from common import atomic_write_json
+from lifecycle import atomic_write_json
 
 DEFAULT_MODEL = "gpt-4o"
 DEFAULT_CONCURRENCY = 8
@@ -409,7 +411,9 @@ class Judge:
         return answer if answer is not None else self._ask(key, prompt, response_a, response_b, order)
 
     def compare(self, prompt, policy_response, base_response):
-        """win, tie, loss (for the policy against base) or invalid, from both orders."""
+        """win, tie, loss (for the policy against base) or invalid, from both orders; identical replies tie."""
+        if policy_response == base_response:
+            return "tie"
         policy_first = self.judge(prompt, policy_response, base_response, ORDERS[0])
         base_first = self.judge(prompt, base_response, policy_response, ORDERS[1])
         return pair_outcome(policy_first, base_first)
@@ -417,12 +421,15 @@ class Judge:
     def compare_many(self, pairs):
         """compare() for each (prompt, policy reply, base reply), asking the new judgements `concurrency` at a time.
 
-        Each question missing from the cache is asked once, however many pairs share it. On an error (or
+        Each question missing from the cache is asked once, however many pairs share it; a pair of identical
+        replies is not asked at all (a tie). On an error (or
         Ctrl-C) the questions not yet sent are dropped, those in flight finish and are saved, and it is raised.
         """
         pairs = list(pairs)
         new = {}
         for prompt, policy_response, base_response in pairs:
+            if policy_response == base_response:  # a tie, asked of no one (compare)
+                continue
             presentations = ((policy_response, base_response), (base_response, policy_response))  # as in compare
             for order, (response_a, response_b) in zip(ORDERS, presentations, strict=True):
                 key = self.key(prompt, response_a, response_b, order)

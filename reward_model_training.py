@@ -60,38 +60,43 @@ from transformers.trainer_callback import ExportableState, ProgressCallback
 from transformers.utils import logging as hf_logging
 
 from common import (
+    fused_activation,
+    load_processed_data,
+    load_tokenizer,
+    precision,
+    reward_scores,
+    save_pretrained_atomic,
+    set_seed,
+)
+from lifecycle import (
     FINISHING,
     GOLD_REWARD_MODEL_DIR,
     GOLD_SPLIT,
     OFFLINE_HINT,
     PROCESSED_DIR,
     REWARD_MODEL_DIR,
-    TRACKER_PROJECT,
-    MetricsLogger,
     TrainArgs,
     UserError,
     atomic_write_json,
-    card_writer,
     check,
     command,
     damage,
     first_line,
-    load_processed_data,
-    load_tokenizer,
     offline,
-    plot_metrics,
-    push_folder,
     remove_leftovers,
     resolve_model_name,
-    reward_scores,
     run,
     save_args,
-    save_pretrained_atomic,
-    set_seed,
+)
+from reporting import (
+    TRACKER_PROJECT,
+    MetricsLogger,
+    card_writer,
+    plot_metrics,
+    push_folder,
     tracker_errors,
     tracker_failure,
     trainer_tracking,
-    use_bf16,
 )
 
 
@@ -122,7 +127,6 @@ class Args(TrainArgs):
     )
     save_steps: int = field(default=500, metadata={"help": "write a checkpoint to runs/reward_model/ every N steps"})
     save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept in runs/reward_model/"})
-    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in runs/reward_model/"})
     # data
     train_split: str = field(
         default="train",
@@ -393,7 +397,7 @@ def main(args):
     source = checkpoint if finished else args.model
     try:
         hf_logging.set_verbosity_error()  # its report of the score head it had to create: we say it below
-        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1)
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, **fused_activation(source))
     except OSError as e:
         raise UserError(
             f"cannot load a reward model from {source} ({first_line(e)}){OFFLINE_HINT * offline()}"
@@ -402,6 +406,8 @@ def main(args):
         hf_logging.set_verbosity_warning()
     if processes.is_main_process and not args.resume:
         print(f"a reward model: {args.model} with a new score head (a linear layer to one number, random at first)")
+    if processes.is_main_process and torch.cuda.is_available():
+        print(f"precision: {precision()[1]}")
     model.config.pad_token_id = tokenizer.pad_token_id
 
     report_to, tracker_callbacks, tracker_run = trainer_tracking(
@@ -419,7 +425,8 @@ def main(args):
         lr_scheduler_type="linear",
         weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm,
-        bf16=use_bf16(),
+        bf16=precision()[0] == "bf16",
+        fp16=precision()[0] == "fp16",  # Trainer brings the gradient scaler
         eval_strategy="steps",
         eval_steps=args.eval_steps,
         save_strategy="steps",

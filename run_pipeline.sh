@@ -30,7 +30,8 @@ work dir's evaluation with nbconvert and saves it, outputs and figures, into --w
   --jobs N            run up to N stages at once where their inputs are ready (reward, gold and dpo need
                       only the data; ppo and grpo the reward model); a stage beside another writes its
                       output to WORK_DIR/logs/STAGE.log. Default 2 for --preset tiny on 2 or more cores
-                      (one BLAS thread each), else 1 (one GPU runs one stage at a time)
+                      (one BLAS thread each), else 1 (one GPU runs one stage at a time; on CUDA, stages
+                      go side by side only on devices named in CUDA_VISIBLE_DEVICES=0,1, one each)
   -h, --help          this help (a stage's flags: python SCRIPT.py --help)
 
   bash run_pipeline.sh --preset tiny --work_dir runs/demo                       # offline, CPU, minutes
@@ -117,13 +118,31 @@ mkdir -p "$work_dir"
 # data, the evaluation) gets every job's core: the evaluation then runs that many processes of one
 # thread each (`evaluate_models.py --workers`), the same table as one process makes.
 alone_threads=
-if [[ " ${common[*]} " == *" --preset tiny "* || " ${common[*]} " == *" --preset=tiny "* ]]; then
+tiny_preset() { [[ " ${common[*]} " == *" --preset tiny "* || " ${common[*]} " == *" --preset=tiny "* ]]; }
+if tiny_preset; then
   cores=$(OMP_NUM_THREADS='' nproc) # nproc counts OMP_NUM_THREADS
   [[ -n $jobs ]] || jobs=$((cores >= 2 ? 2 : 1))
   [[ -n ${OMP_NUM_THREADS:-} ]] || alone_threads=$((jobs < cores ? jobs : cores))
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
 jobs=${jobs:-1}
+# A gpt2-sized stage fills a GPU (two reward models: about 2 x 8 GiB): on CUDA, stages other than the tiny
+# preset's run side by side only on devices the caller names in CUDA_VISIBLE_DEVICES, one device each.
+devices=()
+if ((jobs > 1)) && ! tiny_preset; then
+  gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null | tail -n 1) || gpus=0
+  [[ $gpus =~ ^[0-9]+$ ]] || gpus=0
+  if ((gpus > 0)); then
+    IFS=, read -ra devices <<<"${CUDA_VISIBLE_DEVICES:-}"
+    if ((${#devices[@]} >= 2)); then
+      ((jobs <= ${#devices[@]})) || jobs=${#devices[@]}
+      echo "== --jobs $jobs on CUDA: each stage beside another on a device of its own (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES})"
+    else
+      echo "== --jobs $jobs on CUDA: one stage at a time (two would share one GPU); name devices to run stages side by side, one each: CUDA_VISIBLE_DEVICES=0,1"
+      jobs=1 devices=()
+    fi
+  fi
+fi
 if ((jobs > 1 && (BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1]) < 501)); then
   echo "== bash $BASH_VERSION cannot wait for the first of several stages (bash 5.1 can): one stage at a time"
   jobs=1
@@ -135,7 +154,7 @@ fi
 
 # The scheduler: a stage starts once the stages it reads are done (those before --from count as done),
 # at most $jobs at a time, in the order of STAGES. A stage alone runs in the foreground, its output live.
-declare -A STATE=() PID=() T0=()
+declare -A STATE=() PID=() T0=() DEVICE=()
 for ((i = 0; i < ${#STAGES[@]}; i++)); do
   ((i >= first && i <= last)) && STATE[${STAGES[i]}]=waiting || STATE[${STAGES[i]}]=done
 done
@@ -177,8 +196,15 @@ launch() { # start stage $1: in the foreground when $2 is "fg", else into its lo
     finish "$stage"
   else
     mkdir -p "$work_dir/logs"
-    echo "== $shown  (beside another stage; log: $work_dir/logs/$stage.log)"
-    TQDM_MININTERVAL=${TQDM_MININTERVAL:-30} "${cmd[@]}" >"$work_dir/logs/$stage.log" 2>&1 &
+    local device=() taken
+    if ((${#devices[@]})); then # the first named device no running stage holds
+      taken=" "
+      for s in "${!DEVICE[@]}"; do [[ ${STATE[$s]} != running ]] || taken+="${DEVICE[$s]} "; done
+      for d in "${devices[@]}"; do [[ $taken == *" $d "* ]] || { DEVICE[$stage]=$d && break; }; done
+      device=(env "CUDA_VISIBLE_DEVICES=${DEVICE[$stage]}")
+    fi
+    echo "== $shown  (beside another stage${device:+ on CUDA device ${DEVICE[$stage]}}; log: $work_dir/logs/$stage.log)"
+    TQDM_MININTERVAL=${TQDM_MININTERVAL:-30} "${device[@]}" "${cmd[@]}" >"$work_dir/logs/$stage.log" 2>&1 &
     PID[$stage]=$!
   fi
 }

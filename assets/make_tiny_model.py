@@ -32,13 +32,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tiny_oracle import coherent_sentences  # noqa: E402
 
-from common import (  # noqa: E402
-    TINY_DATA_DIR,
-    TINY_MODEL_DIR,
-    load_preference_data,
-    replace_folder,
-    split_conversation,
-)
+from common import load_preference_data, split_conversation
+from lifecycle import TINY_DATA_DIR, TINY_MODEL_DIR, replace_folder
 
 EOS = "<|endoftext|>"
 VOCAB_SIZE = 2048

@@ -96,24 +96,20 @@ import GRPO_training as grpo
 import PPO_training as ppo
 import reward_model_training as rm
 from common import (
-    PRESETS,
-    CommonArgs,
-    MetricsLogger,
-    UserError,
-    check,
     filter_edge_cases,
+    fused_activation,
     generate_responses,
     join_conversation,
     load_causal_lm,
     load_preference_data,
     load_tokenizer,
     make_accelerator,
-    parse_args,
-    peak_memory_mb,
+    precision,
     response_mask_from_eos,
     set_seed,
-    use_bf16,
 )
+from lifecycle import PRESETS, CommonArgs, UserError, check, parse_args
+from reporting import MetricsLogger, peak_memory_mb
 
 PHASES = ("reward", "dpo", "ppo", "grpo", "generate")
 ROLLOUT_PHASES = ("ppo", "grpo", "generate")
@@ -339,7 +335,9 @@ class Workload:
 
     def sequence_classifier(self):
         """A reward model (a scalar head on the same base): trained in `reward`, frozen in ppo and grpo."""
-        model = AutoModelForSequenceClassification.from_pretrained(self.model_path, num_labels=1)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            self.model_path, num_labels=1, **fused_activation(self.model_path)
+        )
         model.config.pad_token_id = self.eos
         return model
 
@@ -392,7 +390,8 @@ def trl_settings(args, out_dir, total_steps, script_args, scheduler):
         lr_scheduler_type=scheduler,
         gradient_accumulation_steps=1,
         gradient_checkpointing=False,  # TRL's default is on; ours never recomputes activations
-        bf16=use_bf16(),  # TRL's default is on, on CPU too; ours: bf16 autocast on GPU only
+        bf16=precision()[0] == "bf16",  # TRL's default is on, on CPU too; ours: bf16 autocast on GPU only
+        fp16=precision()[0] == "fp16",
         logging_steps=LOG_NEVER,
         save_strategy="no",
         report_to="none",
@@ -712,10 +711,10 @@ def main(args):
 
 
 if __name__ == "__main__":
-    # common.parse_args takes a missing --preset as gpt2; this script's default is tiny (offline).
+    # lifecycle.parse_args takes a missing --preset as gpt2; this script's default is tiny (offline).
     if not any(a == "--preset" or a.startswith("--preset=") for a in sys.argv[1:]):
         sys.argv[1:1] = ["--preset", "tiny"]
     try:
         main(parse_args(Args))
-    except UserError as e:  # common.run would also do this, but would suggest a --resume that a benchmark lacks
+    except UserError as e:  # lifecycle.run would also do this, but would suggest a --resume that a benchmark lacks
         sys.exit(f"error: {e}")

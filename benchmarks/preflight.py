@@ -68,7 +68,7 @@ import evaluate_models
 import GRPO_training
 import PPO_training
 import reward_model_training
-from common import (
+from lifecycle import (
     DPO_DIR,
     GRPO_FINAL_DIR,
     PPO_DIR,
@@ -78,9 +78,9 @@ from common import (
     UserError,
     atomic_write_json,
     check,
-    read_metrics,
     run,
 )
+from reporting import read_metrics
 
 # Anthropic/hh-rlhf as published (all subsets of the default configuration), and the seed's subset.
 HH_RLHF_ROWS = {"train": 160_800, "test": 8_552}
@@ -96,7 +96,7 @@ import atexit, json, os, runpy, sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[1])))
 def report():
     import torch
-    from common import peak_rss_mb
+    from reporting import peak_rss_mb
     peak = {"rss_mb": peak_rss_mb(), "cuda": torch.cuda.is_available()}
     if peak["cuda"]:
         peak["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20

@@ -107,7 +107,7 @@ def kill_when(script, *argv, moment, log, timeout=600, sig=signal.SIGKILL):
 
 def same_records(a, b):
     """Two metrics.jsonl files hold the same records, step for step, times and memory aside."""
-    from common import read_metrics
+    from reporting import read_metrics
 
     def strip(records):
         return [{k: v for k, v in r.items() if k not in ("time/elapsed_s", "mem/peak_mb")} for r in records]
@@ -145,7 +145,7 @@ def snapshot_weights(run_dir):
     """{step: {name: tensor}} of the policy snapshots in a run folder (runs/<name>/snapshots/step-N/)."""
     from safetensors.torch import load_file
 
-    from common import snapshots
+    from lifecycle import snapshots
 
     return {step: load_file(folder / "model.safetensors") for step, folder in snapshots(run_dir)}
 
@@ -159,6 +159,37 @@ def assert_same_snapshots(run_dir, reference_dir, steps, **tolerance):
     for step, tensors in reference.items():
         for name, tensor in tensors.items():
             torch.testing.assert_close(ours[step][name], tensor, msg=f"step {step}: {name}", **tolerance)
+
+
+def resumed_and_straight(script, final_dir, work, straight, quick, weights):
+    """PPO's and GRPO's whole-resume check: a run of 4 steps straight through, and one of 2 steps that is refused a
+    --resume to --total_steps 1 and then resumed to 4, keep the same snapshots (step 2's, the 2-step run's final
+    model, comes from the checkpoint) and the same final weights. Returns both runs' metrics records."""
+    import pytest
+    import torch
+
+    from lifecycle import PROCESSED_DIR, REWARD_MODEL_DIR, UserError, parse_args
+    from reporting import read_metrics
+
+    for name in (PROCESSED_DIR, REWARD_MODEL_DIR):
+        (straight / name).symlink_to(work / name)
+
+    def args(folder, *argv):
+        argv = ["--preset", "tiny", "--work_dir", folder, *argv, *quick, "--snapshot_every", 1]
+        return parse_args(script.Args, script.TINY, list(map(str, argv)))
+
+    script.main(args(straight, "--total_steps", 4))
+    script.main(args(work, "--total_steps", 2))
+    with pytest.raises(UserError, match="at step 2 > --total_steps"):
+        script.main(args(work, "--total_steps", 1, "--resume"))
+    script.main(args(work, "--total_steps", 4, "--resume"))
+    run = Path("runs") / script.RUN_NAME
+    assert_same_snapshots(work / run, straight / run, [1, 2, 3], rtol=0, atol=0)
+    resumed, reference = weights(work / final_dir), weights(straight / final_dir)
+    assert list(resumed) == list(reference)
+    for name in reference:
+        torch.testing.assert_close(resumed[name], reference[name], msg=name)
+    return tuple(read_metrics(folder / final_dir / "metrics.jsonl") for folder in (work, straight))
 
 
 def dead_pid():

@@ -9,7 +9,8 @@ import pytest
 from conftest import run_script
 
 import PPO_training as ppo
-from common import PROCESSED_DIR, REWARD_MODEL_DIR, UserError, load_processed_data, load_reward_model, parse_args
+from common import load_processed_data, load_reward_model
+from lifecycle import PROCESSED_DIR, REWARD_MODEL_DIR, UserError, parse_args
 
 
 def one_line_error(proc):

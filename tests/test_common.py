@@ -2,15 +2,16 @@
 
 import gzip
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import SAMPLE
 
 import common
+import lifecycle
+import reporting
 from common import (
-    CommonArgs,
-    UserError,
     drop_reason,
     filter_edge_cases,
     gather_logprobs,
@@ -19,11 +20,11 @@ from common import (
     load_preference_data,
     masked_mean,
     masked_whiten,
-    parse_args,
     position_ids_from_mask,
     response_mask_from_eos,
     split_conversation,
 )
+from lifecycle import CommonArgs, UserError, parse_args
 
 CONV = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: How do I boil an egg?\n\nAssistant: Put it in boiling water."
 
@@ -166,7 +167,7 @@ def test_loader_errors_on_missing_paths(tmp_path):
 
 def test_tiny_preset_overrides_defaults_but_flags_win():
     args = parse_args(CommonArgs, {"seed": 7}, ["--preset", "tiny"])
-    assert args.model == str(common.TINY_MODEL_DIR) and args.seed == 7
+    assert args.model == str(lifecycle.TINY_MODEL_DIR) and args.seed == 7
     args = parse_args(CommonArgs, {"seed": 7}, ["--preset", "tiny", "--seed", "3"])
     assert args.seed == 3
     assert parse_args(CommonArgs, {"seed": 7}, []).model == "gpt2"
@@ -259,7 +260,7 @@ def test_a_share_is_drawn_on_its_whole_scale_and_a_loss_on_its_own(tmp_path):
             for s, a, loss in ((28, 0.9332, 0.25), (56, 0.9291, 0.19))
         )
     )
-    ranges = common.plot_metrics(path, ["eval/accuracy", "eval/loss"], tmp_path / "curves.png")
+    ranges = reporting.plot_metrics(path, ["eval/accuracy", "eval/loss"], tmp_path / "curves.png")
     assert ranges["eval/accuracy"] == (-0.02, 1.02)
     assert 0.15 < ranges["eval/loss"][0] < 0.19 and 0.25 < ranges["eval/loss"][1] < 0.3
     assert (tmp_path / "curves.png").stat().st_size > 0
@@ -270,7 +271,7 @@ def test_ctrl_c_inside_an_import_is_still_an_interrupt(tmp_path, monkeypatch):
     from dataclasses import dataclass
 
     @dataclass
-    class Args(common.CommonArgs):
+    class Args(lifecycle.CommonArgs):
         pass
 
     def main(args):
@@ -279,8 +280,73 @@ def test_ctrl_c_inside_an_import_is_still_an_interrupt(tmp_path, monkeypatch):
         except KeyboardInterrupt as e:
             raise RuntimeError("Error calling __set_name__ on 'cached_property' instance 'line'") from e
 
-    monkeypatch.setattr("sys.argv", ["script", "--work_dir", str(tmp_path), "--model", str(common.TINY_MODEL_DIR)])
+    monkeypatch.setattr("sys.argv", ["script", "--work_dir", str(tmp_path), "--model", str(lifecycle.TINY_MODEL_DIR)])
     with pytest.raises(SystemExit, match="interrupted: nothing was left half-written"):
-        common.run(main, Args)
+        lifecycle.run(main, Args)
     with pytest.raises(SystemExit, match="interrupted before the first checkpoint"):
-        common.run(main, Args, checkpoint=lambda args: tmp_path / "checkpoint.pt")
+        lifecycle.run(main, Args, checkpoint=lambda args: tmp_path / "checkpoint.pt")
+
+
+def test_gpt2_family_models_load_with_the_fused_gelu_and_give_the_same_logits(tmp_path):
+    """Real gpt2's `gelu_new` (about eight kernels) is loaded as `gelu_pytorch_tanh` (one): logits within 1e-5."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300, n_positions=64)
+    assert config.activation_function == "gelu_new"  # as in gpt2's own config
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    tokenizer = SimpleNamespace(pad_token_id=0)
+    original = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    fused = common.load_causal_lm(str(tmp_path), tokenizer).eval()
+    assert original.config.activation_function == "gelu_new"
+    assert fused.config.activation_function == "gelu_pytorch_tanh"
+    ids = torch.randint(0, 300, (3, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, original(ids).logits, rtol=0, atol=1e-5)
+    assert common.fused_activation(str(lifecycle.TINY_MODEL_DIR)) == {}  # already fused: nothing to change
+
+
+@pytest.mark.parametrize("saved, visible, restored", [(2, 1, [0]), (0, 2, []), (1, 1, [0]), (2, 0, [])])
+def test_cuda_random_state_is_restored_where_its_device_exists(monkeypatch, capsys, saved, visible, restored):
+    """A checkpoint written on 2 GPUs and resumed on 1 (or written on a CPU and resumed on a GPU) restores the
+    generators of the devices that exist and says what it could not; it never indexes a missing device."""
+    calls, state = [], lifecycle.rng_state()  # this CPU's: python, numpy, torch
+    if saved:
+        state["cuda"] = [torch.tensor([7 + i], dtype=torch.uint8) for i in range(saved)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: visible > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append((device, int(state[0]))))
+    lifecycle.set_rng_state(state)
+    assert calls == [(device, 7 + device) for device in restored]
+    said = capsys.readouterr().out
+    if saved == visible:
+        assert said == ""
+    else:
+        assert f"holds the CUDA random state of {saved} device(s) and this run sees {visible}" in said
+        assert f"{len(restored)} restored, the others seeded afresh" in said
+
+
+@pytest.mark.parametrize(
+    "gpu, capability, native_bf16, expected",
+    [
+        (None, None, None, ("fp32", "a CPU: fp32")),
+        ("NVIDIA A100", (8, 0), True, ("bf16", "NVIDIA A100 (compute capability 8.0) computes bf16 natively")),
+        ("Tesla T4", (7, 5), False, ("fp16", "Tesla T4 (compute capability 7.5) has no native bf16: fp16 autocast")),
+    ],
+)
+def test_the_precision_follows_what_the_gpu_computes_natively(monkeypatch, gpu, capability, native_bf16, expected):
+    """A T4 'supports' bf16 by emulation (torch's default answer): it gets fp16 with a scaler, not slow bf16."""
+    asked = []
+
+    def is_bf16_supported(including_emulation=True):
+        asked.append(including_emulation)
+        return native_bf16 or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu is not None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: gpu)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    name, reason = common.precision()
+    assert name == expected[0] and reason.startswith(expected[1]), reason
+    assert asked == ([] if gpu is None else [False])  # never the emulated answer
+    assert common.MIXED_PRECISION[name] == {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[name]

@@ -5,7 +5,7 @@ import fnmatch
 import pytest
 from conftest import REPO
 
-import common
+import lifecycle
 
 dockerfile = pytest.importorskip("dockerfile", reason="dev dependency from requirements-dev.txt")
 
@@ -43,13 +43,13 @@ def test_dockerignore_covers_every_output_the_scripts_write():
         p.strip() for p in (REPO / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")
     ]
     outputs = [
-        common.PROCESSED_DIR,
-        common.REWARD_MODEL_DIR,
-        common.GOLD_REWARD_MODEL_DIR,
-        common.PPO_DIR,
-        common.GRPO_BEST_DIR,
-        common.GRPO_FINAL_DIR,
-        common.DPO_DIR,
+        lifecycle.PROCESSED_DIR,
+        lifecycle.REWARD_MODEL_DIR,
+        lifecycle.GOLD_REWARD_MODEL_DIR,
+        lifecycle.PPO_DIR,
+        lifecycle.GRPO_BEST_DIR,
+        lifecycle.GRPO_FINAL_DIR,
+        lifecycle.DPO_DIR,
         "runs",
         "logs",
         "rlhf_eval_results_with_base.xlsx",
@@ -57,8 +57,8 @@ def test_dockerignore_covers_every_output_the_scripts_write():
         "rlhf_eval_responses.jsonl",
         "rlhf_eval_rewards_boxplot.png",
         "gpt4_judgements.json",
-        f"{common.PPO_DIR}.prev",
-        f"{common.PPO_DIR}.tmp-123",
+        f"{lifecycle.PPO_DIR}.prev",
+        f"{lifecycle.PPO_DIR}.tmp-123",
         ".venv",
         ".git",
     ]

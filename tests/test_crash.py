@@ -16,7 +16,7 @@ from conftest import LOG_FILE_ENV, bar_counts, dead_pid, kill_when, run_script, 
 from safetensors.torch import load_file
 
 import evaluate_models
-from common import (
+from lifecycle import (
     DPO_DIR,
     GRPO_BEST_DIR,
     GRPO_FINAL_DIR,
@@ -26,8 +26,8 @@ from common import (
     RUN_ID_FILE,
     UserError,
     parse_args,
-    read_metrics,
 )
+from reporting import read_metrics
 
 
 def linked(path, source, names=(PROCESSED_DIR, REWARD_MODEL_DIR)):

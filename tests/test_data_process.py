@@ -8,7 +8,9 @@ import pytest
 from conftest import REPO, SAMPLE, run_script
 
 import common
-from common import UserError, join_conversation, load_processed_data, parse_args
+import lifecycle
+from common import join_conversation, load_processed_data
+from lifecycle import UserError, parse_args
 
 TEXT_COLUMNS = ["chosen", "rejected", "prompt", "chosen_response", "rejected_response"]
 TOKEN_COLUMNS = ["input_ids_chosen", "attention_mask_chosen", "input_ids_rejected", "attention_mask_rejected"]
@@ -18,7 +20,7 @@ def test_tiny_processed_data_has_four_splits_text_and_token_columns(tiny_data_di
     from datasets import load_from_disk
 
     data = load_from_disk(str(tiny_data_dir / "processed_data"))
-    assert set(data) == {"train", "validation", "test", common.GOLD_SPLIT}  # the tiny preset's --gold_share 0.5
+    assert set(data) == {"train", "validation", "test", lifecycle.GOLD_SPLIT}  # the tiny preset's --gold_share 0.5
     assert len(data["train"]) >= 2000 and len(data["test"]) >= 400 and len(data["validation"]) > 0
     for split in data.values():
         assert set(TEXT_COLUMNS + TOKEN_COLUMNS) <= set(split.column_names)
@@ -28,7 +30,7 @@ def test_tiny_processed_data_has_four_splits_text_and_token_columns(tiny_data_di
     assert len(row["input_ids_chosen"]) == sum(row["attention_mask_chosen"]) <= 256
 
     stats = json.loads((tiny_data_dir / "processed_data" / "stats.json").read_text())
-    assert stats["base_model"] == str(common.TINY_MODEL_DIR)
+    assert stats["base_model"] == str(lifecycle.TINY_MODEL_DIR)
     assert stats["rows"] == {k: len(v) for k, v in data.items()}
     for rule in common.FILTER_RULES:  # the tiny data holds rows for every rule
         assert stats["rows_dropped"]["train"][rule] > 0, rule
@@ -49,10 +51,10 @@ def test_gold_share_moves_a_seeded_disjoint_share_of_train_into_gold_train(tiny_
     # the same validation and test; train split in two, every pair in exactly one of them
     for split in ("validation", "test"):
         assert pair_keys(data[split]) == pair_keys(without[split])
-    assert sorted(pair_keys(data["train"]) + pair_keys(data[common.GOLD_SPLIT])) == pair_keys(without["train"])
-    assert len(data[common.GOLD_SPLIT]) == pytest.approx(0.5 * len(without["train"]), abs=1)
+    assert sorted(pair_keys(data["train"]) + pair_keys(data[lifecycle.GOLD_SPLIT])) == pair_keys(without["train"])
+    assert len(data[lifecycle.GOLD_SPLIT]) == pytest.approx(0.5 * len(without["train"]), abs=1)
     stats = json.loads((tiny_data_dir / "processed_data" / "stats.json").read_text())
-    assert stats["rows"][common.GOLD_SPLIT] == len(data[common.GOLD_SPLIT])
+    assert stats["rows"][lifecycle.GOLD_SPLIT] == len(data[lifecycle.GOLD_SPLIT])
 
 
 def test_tokenization_truncates_from_the_left_keeping_the_final_reply(tmp_path):
@@ -78,7 +80,7 @@ def test_tokenization_truncates_from_the_left_keeping_the_final_reply(tmp_path):
         "--max_length",
         32,
     )
-    tokenizer = common.load_tokenizer(str(common.TINY_MODEL_DIR))
+    tokenizer = common.load_tokenizer(str(lifecycle.TINY_MODEL_DIR))
     from datasets import load_from_disk
 
     row = load_from_disk(str(tmp_path / "processed_data"))["test"][0]
@@ -127,10 +129,10 @@ def test_help_lists_every_field_with_its_default():
 
 
 def test_later_scripts_refuse_data_built_for_another_model(tiny_data_dir):
-    args = parse_args(common.CommonArgs, {}, ["--work_dir", str(tiny_data_dir), "--model", "gpt2"])
+    args = parse_args(lifecycle.CommonArgs, {}, ["--work_dir", str(tiny_data_dir), "--model", "gpt2"])
     with pytest.raises(UserError, match="tokenized for base model .*rebuild it with `python data_process.py"):
         load_processed_data(args)
-    args = parse_args(common.CommonArgs, {}, ["--work_dir", str(tiny_data_dir / "nowhere")])
+    args = parse_args(lifecycle.CommonArgs, {}, ["--work_dir", str(tiny_data_dir / "nowhere")])
     with pytest.raises(UserError, match="not found: build it first with `python data_process.py"):
         load_processed_data(args)
 
@@ -144,7 +146,7 @@ def test_tiny_data_generator_is_deterministic(tmp_path):
     make_tiny_data.main(tmp_path, seed=0)
     for split in ("train", "test"):
         assert (tmp_path / f"{split}.jsonl.gz").read_bytes() == (
-            common.TINY_DATA_DIR / f"{split}.jsonl.gz"
+            lifecycle.TINY_DATA_DIR / f"{split}.jsonl.gz"
         ).read_bytes()
     rows = [json.loads(line) for line in gzip.open(tmp_path / "test.jsonl.gz", "rt")]
     evasive = [
@@ -169,10 +171,10 @@ def test_tiny_base_model_writes_on_format_replies_and_ends_its_turn():
     import torch
 
     torch.manual_seed(0)
-    tokenizer = common.load_tokenizer(str(common.TINY_MODEL_DIR))
-    model = common.load_causal_lm(str(common.TINY_MODEL_DIR), tokenizer).eval()
+    tokenizer = common.load_tokenizer(str(lifecycle.TINY_MODEL_DIR))
+    model = common.load_causal_lm(str(lifecycle.TINY_MODEL_DIR), tokenizer).eval()
     assert 1e6 <= sum(p.numel() for p in model.parameters()) <= 5e6
-    rows = [json.loads(line) for line in gzip.open(common.TINY_DATA_DIR / "test.jsonl.gz", "rt")]
+    rows = [json.loads(line) for line in gzip.open(lifecycle.TINY_DATA_DIR / "test.jsonl.gz", "rt")]
     prompts = [s[0] for s in (common.split_conversation(r["chosen"]) for r in rows[:400]) if s][:200]
     ended = 0
     for i in range(0, len(prompts), 100):

@@ -16,9 +16,11 @@ from conftest import (
 )
 from safetensors.torch import load_file
 
-import common
 import DPO_training as dpo
-from common import UserError, join_conversation, load_causal_lm, load_tokenizer, parse_args
+import lifecycle
+import reporting
+from common import join_conversation, load_causal_lm, load_tokenizer
+from lifecycle import UserError, parse_args
 
 PROMPT = "\n\nHuman: How do I boil an egg?\n\nAssistant:"
 LONG_PROMPT = "\n\nHuman: Hi there, I want to cook.\n\nAssistant: What would you like to make?" + PROMPT
@@ -30,12 +32,12 @@ REPLIES = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return load_tokenizer(str(common.TINY_MODEL_DIR))
+    return load_tokenizer(str(lifecycle.TINY_MODEL_DIR))
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    model = load_causal_lm(str(common.TINY_MODEL_DIR), tokenizer)
+    model = load_causal_lm(str(lifecycle.TINY_MODEL_DIR), tokenizer)
     dpo.disable_dropout(model)
     return model
 
@@ -62,7 +64,7 @@ def test_reply_tokens_are_the_joined_texts_tokens_after_the_prompt(tokenizer, ti
     = tokenizer(prompt) + tokenizer(" " + reply), the split GPT-2's pre-tokenizer makes."""
     from datasets import load_from_disk
 
-    for split in load_from_disk(str(tiny_data_dir / common.PROCESSED_DIR)).values():
+    for split in load_from_disk(str(tiny_data_dir / lifecycle.PROCESSED_DIR)).values():
         pairs = dpo.tokenize_pairs(split, tokenizer)
         for key in ("chosen", "rejected"):
             replies = tokenizer([" " + r for r in split[f"{key}_response"]])["input_ids"]
@@ -165,7 +167,7 @@ def test_dpo_loss_and_gradient_match_a_hand_reference(beta, eps):
 
 
 def test_policy_equal_to_reference_gives_log_2(tokenizer, model):
-    ref_model = load_causal_lm(str(common.TINY_MODEL_DIR), tokenizer).eval().requires_grad_(False)
+    ref_model = load_causal_lm(str(lifecycle.TINY_MODEL_DIR), tokenizer).eval().requires_grad_(False)
     dpo.disable_dropout(ref_model)
     model.train()  # dropout is off, so train mode changes nothing
     batch = dpo.collate_pairs(make_pairs(tokenizer), tokenizer.eos_token_id, max_seq_len=512)
@@ -212,8 +214,27 @@ def same_weights(a, b, atol=0.0):
 def linked_work_dir(path, tiny_data_dir):
     """A fresh work dir that reads the session's processed data, so runs do not share outputs."""
     path.mkdir()
-    (path / common.PROCESSED_DIR).symlink_to(tiny_data_dir / common.PROCESSED_DIR)
+    (path / lifecycle.PROCESSED_DIR).symlink_to(tiny_data_dir / lifecycle.PROCESSED_DIR)
     return path
+
+
+@pytest.mark.slow
+def test_a_run_resumed_for_more_steps_follows_the_longer_schedule(tiny_data_dir, tmp_path, capsys):
+    """A 2-step run ends at learning rate 0; resumed with --max_steps 4 it must learn at step 3 (it stood still)."""
+    argv = (*SHORT, "--save_every", 2, "--eval_steps", 0, "--learning_rate", 1e-3, "--snapshot_every", 1)
+    argv += ("--logging_steps", 1)
+    work = linked_work_dir(tmp_path / "w", tiny_data_dir)
+    dpo.main(tiny_args(work, *argv, "--max_steps", 2))
+    dpo.main(tiny_args(work, *argv, "--max_steps", 4, "--resume"))
+    assert "the learning rate follows the schedule of 4 steps from step 2 on (0.0005)" in capsys.readouterr().out
+    snapshots = {
+        step: load_file(folder / "model.safetensors") for step, folder in lifecycle.snapshots(work / "runs/dpo")
+    }
+    assert sorted(snapshots) == [1, 2, 3]
+    moved = max((snapshots[3][k] - snapshots[2][k]).abs().max().item() for k in snapshots[2])
+    assert moved > 1e-5  # step 3 learned: at rate 0.5 x 1e-3 (linear decay over 4 steps, no warm-up)
+    records = reporting.read_metrics(work / "runs/dpo/metrics.jsonl")
+    assert [r["train/learning_rate"] for r in records if r["step"] in (3, 4)] == pytest.approx([2.5e-4, 0.0])
 
 
 @pytest.mark.slow
@@ -236,13 +257,13 @@ def test_nan_stops_keeping_the_last_checkpoint_and_resume_continues_exactly(tiny
         dpo.main(tiny_args(broken_dir, *argv))
     monkeypatch.undo()
     checkpoint = torch.load(broken_dir / "runs/dpo/checkpoint.pt", weights_only=False)
-    assert checkpoint["step"] == 2 and not (broken_dir / common.DPO_DIR).exists()
+    assert checkpoint["step"] == 2 and not (broken_dir / lifecycle.DPO_DIR).exists()
 
     resumed = weights(dpo.main(tiny_args(broken_dir, *argv, "--resume")))
     assert same_weights(resumed, straight, atol=1e-6)
-    steps = [r["step"] for r in common.read_metrics(broken_dir / "runs/dpo/metrics.jsonl")]
-    assert steps == [r["step"] for r in common.read_metrics(straight_dir / "runs/dpo/metrics.jsonl")] == [4]
-    saved = load_file(broken_dir / common.DPO_DIR / "model.safetensors")
+    steps = [r["step"] for r in reporting.read_metrics(broken_dir / "runs/dpo/metrics.jsonl")]
+    assert steps == [r["step"] for r in reporting.read_metrics(straight_dir / "runs/dpo/metrics.jsonl")] == [4]
+    saved = load_file(broken_dir / lifecycle.DPO_DIR / "model.safetensors")
     assert all(torch.equal(saved[k], resumed[k]) for k in saved)
     # the policy snapshots: step 3's, lost with the NaN, written again by the resumed run
     assert_same_snapshots(broken_dir / "runs/dpo", straight_dir / "runs/dpo", [1, 2, 3], rtol=0, atol=1e-6)
@@ -268,7 +289,7 @@ def test_precomputed_reference_and_accumulation_train_the_same(tiny_data_dir, tm
     for name, extra in runs.items():
         work = linked_work_dir(tmp_path / name, tiny_data_dir)
         trained[name] = weights(dpo.main(tiny_args(work, *argv, *extra)))
-        records[name] = common.read_metrics(work / "runs/dpo/metrics.jsonl")
+        records[name] = reporting.read_metrics(work / "runs/dpo/metrics.jsonl")
     for name in ("precomputed", "accumulated"):
         first, second = records[name]
         assert first["dpo/loss"] == pytest.approx(math.log(2), abs=1e-6)  # step 1: policy == reference
@@ -287,7 +308,7 @@ def test_two_processes_train_identical_weights(tiny_data_dir, tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(
         f"import sys, torch\nsys.path.insert(0, {str(REPO)!r})\n"
-        "from accelerate import PartialState\nimport DPO_training as dpo\nfrom common import parse_args\n"
+        "from accelerate import PartialState\nimport DPO_training as dpo\nfrom lifecycle import parse_args\n"
         "policy = dpo.main(parse_args(dpo.Args, dpo.TINY, sys.argv[1:]))\n"
         f"torch.save(policy.state_dict(), {str(tmp_path)!r} + f'/rank{{PartialState().process_index}}.pt')\n"
     )
@@ -297,16 +318,16 @@ def test_two_processes_train_identical_weights(tiny_data_dir, tmp_path):
     assert "3 optimizer steps of 8 pairs on 2 process(es)" in proc.stdout
     rank0, rank1 = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
     assert same_weights(rank0, rank1)
-    base = load_file(common.TINY_MODEL_DIR / "model.safetensors")
+    base = load_file(lifecycle.TINY_MODEL_DIR / "model.safetensors")
     assert not torch.equal(rank0["transformer.h.0.mlp.c_fc.weight"], base["transformer.h.0.mlp.c_fc.weight"])
-    saved = load_file(work / common.DPO_DIR / "model.safetensors")
+    saved = load_file(work / lifecycle.DPO_DIR / "model.safetensors")
     assert all(torch.equal(saved[k], rank0[k]) for k in saved)
     # the learning rate follows one schedule (3 steps, no warm-up, linear decay), not one per process
-    records = common.read_metrics(work / "runs/dpo/metrics.jsonl")
+    records = reporting.read_metrics(work / "runs/dpo/metrics.jsonl")
     lr = dpo.TINY["learning_rate"]
     assert [r["train/learning_rate"] for r in records] == pytest.approx([lr * 2 / 3, lr / 3, 0.0])
     # the main process alone logs to the trackers: one event file, the same records
-    events = list((work / "runs/dpo" / common.TENSORBOARD_DIR).glob("events.out.tfevents.*"))
+    events = list((work / "runs/dpo" / lifecycle.TENSORBOARD_DIR).glob("events.out.tfevents.*"))
     assert len(events) == 1
     assert_same_as_metrics(tensorboard_scalars(events[0].parent), records)
 
@@ -318,11 +339,11 @@ def test_tiny_run_learns_the_preferences(tiny_pipeline):
     than base."""
     work = tiny_pipeline
     assert "validation: loss" in pipeline_output(work)
-    out = work / common.DPO_DIR
+    out = work / lifecycle.DPO_DIR
     for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "dpo_curves.png", "args.json"):
         assert (out / name).is_file(), name
     assert json.loads((out / "args.json").read_text())["learning_rate"] == dpo.TINY["learning_rate"]
-    records = common.read_metrics(out / "metrics.jsonl")
+    records = reporting.read_metrics(out / "metrics.jsonl")
     train_keys = {"dpo/loss", "dpo/rewards/chosen", "dpo/rewards/rejected", "dpo/rewards/accuracies"}
     train_keys |= {"dpo/rewards/margins", "dpo/logps/chosen", "dpo/logps/rejected", "dpo/kl", "train/learning_rate"}
     assert train_keys <= set(records[0]) and all(math.isfinite(r["dpo/loss"]) for r in records)

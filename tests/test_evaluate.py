@@ -14,8 +14,9 @@ from datasets import load_from_disk
 from transformers import AutoModelForCausalLM
 
 import common
+import lifecycle
+import reporting
 from assets import tiny_oracle as oracle
-from common import DPO_DIR, GRPO_BEST_DIR, PPO_DIR, PROCESSED_DIR, REWARD_MODEL_DIR, UserError, parse_args
 from evaluate_models import (
     TINY,
     Args,
@@ -30,8 +31,9 @@ from evaluate_models import (
     write_jsonl,
     write_xlsx,
 )
+from lifecycle import DPO_DIR, GRPO_BEST_DIR, PPO_DIR, PROCESSED_DIR, REWARD_MODEL_DIR, UserError, parse_args
 
-BASE = common.TINY_MODEL_DIR
+BASE = lifecycle.TINY_MODEL_DIR
 CONTROL = "\x07\x1b"  # BEL and ESC: characters a worksheet cannot store
 
 
@@ -193,7 +195,7 @@ def test_oracle_columns_against_hand_values():
 
 def test_the_oracle_applies_to_the_bundled_tiny_data_only(tmp_path):
     (tmp_path / PROCESSED_DIR).mkdir()
-    for dataset, expected in ((str(common.TINY_DATA_DIR), True), ("Anthropic/hh-rlhf", False), ("/data/hh", False)):
+    for dataset, expected in ((str(lifecycle.TINY_DATA_DIR), True), ("Anthropic/hh-rlhf", False), ("/data/hh", False)):
         (tmp_path / PROCESSED_DIR / "stats.json").write_text(json.dumps({"dataset": dataset}))
         assert (load_oracle(tmp_path) is not None) == expected, dataset
 
@@ -230,7 +232,7 @@ def test_evaluate_end_to_end_tiny(eval_work):
     """PPO = a copy of base (KL 0, same replies and rewards) with two snapshots on its path, GRPO and DPO =
     perturbed copies; the gold reward model is a copy of the proxy (so gold scores equal proxy scores)."""
     make_policy(eval_work / PPO_DIR, metrics=[cost_record(10, 30.0, 5000, 400.0)])
-    snapshots = eval_work / "runs" / "ppo" / common.SNAPSHOTS_DIR
+    snapshots = eval_work / "runs" / "ppo" / lifecycle.SNAPSHOTS_DIR
     # steps 3 and 7 come from the run of the final folder (written before it); step 12 is past its last step
     # 10 and step 9 was written after it: both another run's; a killed save's step-5.tmp-1 is no snapshot
     for step, noise in ((3, 0.01), (7, 0.02), (12, 0.03), (9, 0.04)):
@@ -241,7 +243,7 @@ def test_evaluate_end_to_end_tiny(eval_work):
         os.utime(snapshots / f"step-{step}" / "config.json", (final_saved + age, final_saved + age))
     make_policy(eval_work / GRPO_BEST_DIR, noise=0.02, seed=1, metrics=[cost_record(10, 60.0, 9000, 450.0)])
     make_policy(eval_work / DPO_DIR, noise=0.03, seed=2)  # no metrics.jsonl: cost left empty, said so
-    (eval_work / common.GOLD_REWARD_MODEL_DIR).symlink_to((eval_work / REWARD_MODEL_DIR).resolve())
+    (eval_work / lifecycle.GOLD_REWARD_MODEL_DIR).symlink_to((eval_work / REWARD_MODEL_DIR).resolve())
     argv = ["--preset", "tiny", "--work_dir", eval_work, "--num_prompts", 40, "--best_of_n", 4]
     # what an evaluation killed while it wrote its sheet and a card leaves: removed at the start of the next one
     pid = dead_pid()
@@ -257,7 +259,7 @@ def test_evaluate_end_to_end_tiny(eval_work):
         # kept as .prev)
         parallel = run_script("evaluate_models.py", *argv, "--workers", 2)
     finally:
-        (eval_work / common.GOLD_REWARD_MODEL_DIR).unlink()
+        (eval_work / lifecycle.GOLD_REWARD_MODEL_DIR).unlink()
     assert "evaluate (2 processes)" in parallel.stderr and "evaluate (2 processes)" not in proc.stderr
     for name in ("rlhf_eval_responses.jsonl", "rlhf_eval_frontier.csv"):
         kept = (eval_work / name).with_name(name.replace(".", ".prev.", 1))
@@ -334,7 +336,7 @@ def test_evaluate_end_to_end_tiny(eval_work):
             f"{snapshots / f'step-{step}'} is not from the run that wrote {eval_work / PPO_DIR} (its last step 10)"
             in proc.stdout
         )
-    assert f"{eval_work / common.GRPO_FINAL_DIR} not found: grpo has no path on the frontier" in proc.stdout
+    assert f"{eval_work / lifecycle.GRPO_FINAL_DIR} not found: grpo has no path on the frontier" in proc.stdout
     # the table's own replies are reused: PPO's and DPO's final points are their summary rows; base's and
     # best-of-1's are base's
     for position, model in ((3, "ppo"), (4, "dpo"), (0, "base"), (5, "base")):
@@ -436,12 +438,12 @@ def test_missing_data_and_bad_flags_fail_at_start(eval_work, tmp_path):
 def test_the_tiny_pipeline_leaves_a_frontier_of_every_method_and_best_of_n(tiny_pipeline):
     """`bash run_pipeline.sh --preset tiny`: the gold reward model, and a frontier with every method's path (its
     snapshots, then its final policy) and best-of-N for N = 1 ... 16, all scored by proxy, gold and oracle."""
-    gold = json.loads((tiny_pipeline / common.GOLD_REWARD_MODEL_DIR / "eval_results.json").read_text())
-    assert gold["train_split"] == common.GOLD_SPLIT and gold["accuracy"] >= 0.9, gold
+    gold = json.loads((tiny_pipeline / lifecycle.GOLD_REWARD_MODEL_DIR / "eval_results.json").read_text())
+    assert gold["train_split"] == lifecycle.GOLD_SPLIT and gold["accuracy"] >= 0.9, gold
     frontier = pd.read_csv(tiny_pipeline / "rlhf_eval_frontier.csv")
-    for method, folder in (("ppo", PPO_DIR), ("grpo", common.GRPO_FINAL_DIR), ("dpo", DPO_DIR)):
+    for method, folder in (("ppo", PPO_DIR), ("grpo", lifecycle.GRPO_FINAL_DIR), ("dpo", DPO_DIR)):
         steps = frontier[frontier.method == method].step.tolist()
-        last = common.read_metrics(tiny_pipeline / folder / "metrics.jsonl")[-1]["step"]
+        last = reporting.read_metrics(tiny_pipeline / folder / "metrics.jsonl")[-1]["step"]
         assert len(steps) >= 4 and steps == sorted(steps) and steps[-1] == last, (method, steps)
     bon = frontier[frontier.method == "best_of_n"]
     assert bon.n.tolist() == [1, 2, 4, 8, 16] and bon.proxy_mean.is_monotonic_increasing

@@ -8,22 +8,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, assert_same_snapshots, launch_two_processes, pipeline_summary
+from conftest import REPO, launch_two_processes, pipeline_summary, resumed_and_straight
 
 import GRPO_training as grpo
-from common import (
+from common import load_causal_lm, load_tokenizer, response_mask_from_eos
+from lifecycle import (
     GRPO_BEST_DIR,
     GRPO_FINAL_DIR,
-    PROCESSED_DIR,
-    REWARD_MODEL_DIR,
     TINY_MODEL_DIR,
     UserError,
-    load_causal_lm,
-    load_tokenizer,
     parse_args,
-    read_metrics,
-    response_mask_from_eos,
 )
+from reporting import read_metrics
 
 LOSS_ARGS = SimpleNamespace(clip_range=0.2, entropy_coef=0.1, target_entropy=1.8)
 
@@ -182,23 +178,8 @@ def weights(folder):
 @pytest.mark.slow
 def test_resume_continues_exactly_where_the_run_stopped(work, tmp_path_factory):
     straight = tmp_path_factory.mktemp("straight")
-    for name in (PROCESSED_DIR, REWARD_MODEL_DIR):
-        (straight / name).symlink_to(work / name)
-    quick = [*QUICK, "--snapshot_every", 1]
-    grpo.main(tiny_args(straight, "--total_steps", 4, *quick))
-    grpo.main(tiny_args(work, "--total_steps", 2, *quick))
-    with pytest.raises(UserError, match="at step 2 > --total_steps"):
-        grpo.main(tiny_args(work, "--total_steps", 1, "--resume", *quick))
-    grpo.main(tiny_args(work, "--total_steps", 4, "--resume", *quick))
-    # the policy snapshots too: step 2's (the 2-step run's final model, not a snapshot) from the checkpoint
-    assert_same_snapshots(work / "runs" / "grpo", straight / "runs" / "grpo", [1, 2, 3], rtol=0, atol=0)
-
-    resumed, reference = weights(work / GRPO_FINAL_DIR), weights(straight / GRPO_FINAL_DIR)
-    for name in reference:
-        torch.testing.assert_close(resumed[name], reference[name])
-    records = read_metrics(work / GRPO_FINAL_DIR / "metrics.jsonl")
+    records, straight_records = resumed_and_straight(grpo, GRPO_FINAL_DIR, work, straight, QUICK, weights)
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
-    straight_records = read_metrics(straight / GRPO_FINAL_DIR / "metrics.jsonl")
     for a, b in zip(records, straight_records):
         assert a.get("objective/scores") == pytest.approx(b.get("objective/scores"))
         assert a.get("eval/reward") == pytest.approx(b.get("eval/reward"))
@@ -262,7 +243,7 @@ def test_two_processes_end_with_identical_weights(work, tmp_path):
     wrapper = tmp_path / "launch_grpo.py"
     wrapper.write_text(
         f"import sys\nsys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]\n"
-        "from accelerate import PartialState\nimport GRPO_training as grpo\nfrom common import parse_args\n"
+        "from accelerate import PartialState\nimport GRPO_training as grpo\nfrom lifecycle import parse_args\n"
         "from test_grpo import digest\n"
         "policy = grpo.main(parse_args(grpo.Args, grpo.TINY))\n"
         f"open({str(tmp_path)!r} + f'/rank{{PartialState().process_index}}.txt', 'w').write(digest(policy))\n"

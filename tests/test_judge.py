@@ -261,12 +261,25 @@ def test_300_pairs_at_200_ms_an_answer_take_well_under_the_sequential_120_s(serv
 
 def test_a_question_shared_by_pairs_is_asked_once(server, tmp_path):
     j = Judge(cache_path=tmp_path / "c.json")
-    pairs = [("p", "a", "bb"), ("p", "a", "bb"), ("q", "a", "a")]  # a pair twice; a policy that repeats base
+    pairs = [("p", "a", "bb"), ("p", "a", "bb"), ("q", "a", "bb")]  # a pair twice
     assert j.compare_many(pairs) == ["tie"] * 3  # the fake always answers A: position bias, cancelled to ties
     assert j.requests == len(server.log) == 4  # each new judgement once: 2 pairs x 2 orders
-    # ("q", "a", "a") reads the same in both orders, but the order is part of what a judgement is: two of them
     asked = Counter(replies(body) for _, body, _ in server.log)  # (reply A, reply B) of each request
-    assert asked == {("a", "bb"): 1, ("bb", "a"): 1, ("a", "a"): 2}
+    assert asked == {("a", "bb"): 2, ("bb", "a"): 2}
+
+
+def test_identical_replies_are_a_tie_asked_of_no_one(server, tmp_path):
+    j = Judge(cache_path=tmp_path / "c.json")
+    server.answer = lambda body: "A" if replies(body)[0] == "good" else "B"  # prefers "good" in either place
+    pairs = [("p", "good", "bad"), ("q", "same", "same"), ("r", "bad", "good"), ("s", "good", "good")]
+    outcomes = j.compare_many(pairs)
+    assert outcomes == ["win", "tie", "loss", "tie"]  # "good" against "good" would be a win if it were asked
+    assert j.requests == len(server.log) == 4  # 2 pairs x 2 orders: the identical pairs sent nothing
+    assert {replies(body) for _, body, _ in server.log} == {("good", "bad"), ("bad", "good")}
+    assert j.compare("s", "good", "good") == "tie" and j.requests == 4
+    assert len(json.loads((tmp_path / "c.json").read_text())) == 4  # nor cached
+    rates = win_rates(outcomes)  # a tie is a pair in the denominator, neither a win nor a loss
+    assert rates["n"] == 4 and [rates[o][0] for o in ("win", "tie", "loss")] == [0.25, 0.5, 0.25]
 
 
 def test_a_429_storm_pauses_the_whole_pool_and_every_pair_is_judged_once(server, tmp_path):

@@ -22,8 +22,8 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 import judge
-from common import DPO_DIR, PPO_DIR, PROCESSED_DIR, REWARD_MODEL_DIR
 from judge import Judge, pair_outcome, wilson_interval, win_rates
+from lifecycle import DPO_DIR, PPO_DIR, PROCESSED_DIR, REWARD_MODEL_DIR
 
 API_KEY = "sk-test-do-not-leak-7f3a9c"
 
@@ -147,11 +147,11 @@ def test_compare_asks_both_orders_and_caches_without_the_key(server, tmp_path):
     cache = tmp_path / "gpt4_judgements.json"
     j = Judge(model="judge-model", cache_path=cache)
     assert j.compare("prompt", "a longer reply", "short") == "win"  # A first, then B: both prefer the policy
-    assert j.compare("prompt", "same", "same") == "tie"  # the fake always picks A for equal replies
+    assert j.compare("prompt", "same", "same") == "tie"  # identical replies: a tie, asked of no one
     assert j.compare("prompt", "s", "a much longer base reply") == "loss"
     first, second = (r[2]["messages"][1]["content"] for r in server.requests[:2])
     assert first.index("a longer reply") < first.index("short") and second.index("short") < second.index("a longer")
-    assert j.requests == 6 and len(json.loads(cache.read_text())) == 6
+    assert j.requests == 4 and len(json.loads(cache.read_text())) == 4
     assert API_KEY not in cache.read_text() and not list(tmp_path.glob(".*tmp*"))
 
 
@@ -164,7 +164,8 @@ def eval_outputs(tiny_reward_dir, tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from common import TINY_MODEL_DIR, load_tokenizer
+    from common import load_tokenizer
+    from lifecycle import TINY_MODEL_DIR
 
     work = tmp_path_factory.mktemp("notebook_work")
     for name in (PROCESSED_DIR, REWARD_MODEL_DIR):
@@ -289,9 +290,15 @@ def test_notebook_with_two_local_judges(eval_outputs, tmp_path, monkeypatch, ser
     server.queue = [429, "Neither"]  # the first request is rate limited, the second answer is invalid
     env = {"RLHF_JUDGE_MODELS": "fake-gpt,fake-position", "RLHF_JUDGE_BASE_DELAY": "0.2"}
     text = execute_notebook(work, monkeypatch, **env)
-    # a (prompt, policy reply, base reply) seen before (DPO may repeat PPO's = base's reply) is asked once
-    pairs = len({(r["prompt"], r[f"{p}_response"], r["base_response"]) for r in records for p in ("ppo", "dpo")})
-    assert pairs > 12  # DPO's replies are mostly its own
+    # a (prompt, policy reply, base reply) seen before (DPO may repeat PPO's reply) is asked once, and a policy
+    # reply identical to base's is a tie asked of no one
+    every = {(r["prompt"], r[f"{p}_response"], r["base_response"]) for r in records for p in ("ppo", "dpo")}
+    pairs = len({(prompt, reply, base) for prompt, reply, base in every if reply != base})
+    identical = {p: sum(r[f"{p}_response"] == r["base_response"] for r in records) for p in ("ppo", "dpo")}
+    assert pairs >= 8 and sum(identical.values()) >= 1, (pairs, identical)  # both kinds of pair are here
+    table = pd.read_csv(work / "judge_win_rates.csv").set_index(["judge", "policy"])
+    for p in ("ppo", "dpo"):
+        assert (table.xs(p, level="policy")["identical"] == identical[p]).all(), (p, identical)
     # each new judgement once, plus the 429's retry and the invalid answer's second asking
     assert f"judge fake-gpt: 12 prompts x 2 policies x 2 orders; {2 * pairs + 2} API requests made" in text
     assert f"judge fake-position: 12 prompts x 2 policies x 2 orders; {2 * pairs} API requests made" in text

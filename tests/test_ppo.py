@@ -6,25 +6,19 @@ import math
 
 import pytest
 import torch
-from conftest import REPO, assert_same_snapshots, launch_two_processes, pipeline_summary
+from conftest import REPO, launch_two_processes, pipeline_summary, resumed_and_straight
 
 import PPO_training as ppo
 from common import (
-    PPO_DIR,
-    PROCESSED_DIR,
-    REWARD_MODEL_DIR,
-    TINY_MODEL_DIR,
-    UserError,
     gather_logprobs,
     load_causal_lm,
-    load_checkpoint,
     load_processed_data,
     load_reward_model,
     load_tokenizer,
-    parse_args,
-    read_metrics,
     response_mask_from_eos,
 )
+from lifecycle import PPO_DIR, TINY_MODEL_DIR, UserError, load_checkpoint, parse_args
+from reporting import read_metrics
 
 # small and quick: 8 prompts per rollout in 2 minibatches, short replies, a checkpoint every step
 QUICK = ["--rollout_batch_size", 8, "--num_minibatches", 2, "--max_new_tokens", 12, "--eval_prompts", 4]
@@ -222,21 +216,7 @@ def weights(folder):
 @pytest.mark.slow
 def test_resume_continues_exactly_where_the_run_stopped(work, tmp_path_factory):
     straight = tmp_path_factory.mktemp("straight")
-    for name in (PROCESSED_DIR, REWARD_MODEL_DIR):
-        (straight / name).symlink_to(work / name)
-    quick = [*QUICK, "--snapshot_every", 1]
-    ppo.main(tiny_args(straight, "--total_steps", 4, *quick))
-    ppo.main(tiny_args(work, "--total_steps", 2, *quick))
-    with pytest.raises(UserError, match="at step 2 > --total_steps 1"):
-        ppo.main(tiny_args(work, "--total_steps", 1, "--resume", *quick))
-    ppo.main(tiny_args(work, "--total_steps", 4, "--resume", *quick))
-    # the policy snapshots too: step 2's (the 2-step run's final model, not a snapshot) from the checkpoint
-    assert_same_snapshots(work / "runs" / "ppo", straight / "runs" / "ppo", [1, 2, 3], rtol=0, atol=0)
-
-    resumed, reference = weights(work / PPO_DIR), weights(straight / PPO_DIR)
-    for name in reference:
-        torch.testing.assert_close(resumed[name], reference[name], msg=name)
-    records, straight_records = (read_metrics(w / PPO_DIR / "metrics.jsonl") for w in (work, straight))
+    records, straight_records = resumed_and_straight(ppo, PPO_DIR, work, straight, QUICK, weights)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for a, b in zip(records, straight_records):
         for key in ("objective/scores", "objective/kl", "objective/kl_coef", "ppo/pg_loss", "tokens/processed"):

@@ -87,11 +87,11 @@ def test_step_timing_puts_the_first_step_apart_and_takes_evaluations_off(preflig
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc/self/status")
 def test_a_child_process_reports_its_own_peak_memory_not_its_parents():
-    """getrusage's ru_maxrss carries a forking parent's peak into the child; common.peak_rss_mb does not."""
+    """getrusage's ru_maxrss carries a forking parent's peak into the child; reporting.peak_rss_mb does not."""
     ballast = bytearray(1024 * 2**20)
     ballast[::4096] = b"x" * len(ballast[::4096])  # touch every page: 1 GiB resident in this process
     del ballast
-    code = "import resource, common; print(common.peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    code = "import resource, reporting; print(reporting.peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
     own, inherited = map(float, out.split())
     assert inherited > 1024 and own < inherited - 500

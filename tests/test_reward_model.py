@@ -16,6 +16,8 @@ from conftest import REPO, assert_same_as_metrics, launch_two_processes, run_scr
 from transformers import AutoModelForSequenceClassification, TrainingArguments
 
 import common
+import lifecycle
+import reporting
 from reward_model_training import (
     TINY,
     Args,
@@ -27,14 +29,14 @@ from reward_model_training import (
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return common.load_tokenizer(common.TINY_MODEL_DIR)
+    return common.load_tokenizer(lifecycle.TINY_MODEL_DIR)
 
 
 @pytest.fixture(scope="module")
 def reward_model(tokenizer):
     """The tiny base model with a freshly initialised scalar head, in eval mode (no dropout)."""
     common.set_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(common.TINY_MODEL_DIR, num_labels=1)
+    model = AutoModelForSequenceClassification.from_pretrained(lifecycle.TINY_MODEL_DIR, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval()
 
@@ -72,7 +74,7 @@ def test_reward_is_the_same_alone_left_padded_and_right_padded(reward_model, tok
 
 def make_trainer(model, tokenizer, tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", remove_unused_columns=False)
-    logger = common.MetricsLogger(tmp_path / "metrics.jsonl")
+    logger = reporting.MetricsLogger(tmp_path / "metrics.jsonl")
     return RewardTrainer(model=model, args=args, metrics_logger=logger), logger
 
 
@@ -147,20 +149,20 @@ def test_train_accuracy_covers_every_pair_since_the_last_training_log(reward_mod
 
 
 def test_the_seed_defaults():
-    args = common.parse_args(Args, TINY, [])
+    args = lifecycle.parse_args(Args, TINY, [])
     assert (args.num_train_epochs, args.learning_rate, args.per_device_train_batch_size) == (3.0, 2e-5, 8)
     assert (args.gradient_accumulation_steps, args.warmup_ratio, args.eval_steps, args.save_steps) == (2, 0.1, 500, 500)
 
 
 def untrained_test_accuracy(work_dir):
     """Share of test pairs the base model with a fresh head (seeded as the script seeds it) already ranks right."""
-    tokenizer = common.load_tokenizer(common.TINY_MODEL_DIR)
+    tokenizer = common.load_tokenizer(lifecycle.TINY_MODEL_DIR)
     common.set_seed(Args.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(common.TINY_MODEL_DIR, num_labels=1).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(lifecycle.TINY_MODEL_DIR, num_labels=1).eval()
     model.config.pad_token_id = tokenizer.pad_token_id
-    test = common.load_processed_data(common.parse_args(Args, TINY, ["--preset", "tiny", "--work_dir", str(work_dir)]))[
-        "test"
-    ]
+    test = common.load_processed_data(
+        lifecycle.parse_args(Args, TINY, ["--preset", "tiny", "--work_dir", str(work_dir)])
+    )["test"]
     r_c = common.get_reward(model, tokenizer, test["prompt"], test["chosen_response"], max_length=512)
     r_r = common.get_reward(model, tokenizer, test["prompt"], test["rejected_response"], max_length=512)
     return (r_c > r_r).float().mean().item()
@@ -173,7 +175,7 @@ MIN_TEST_ACCURACY = 0.90
 
 @pytest.mark.slow
 def test_tiny_run_learns_the_preference_and_writes_its_outputs(tiny_reward_dir):
-    out = tiny_reward_dir / common.REWARD_MODEL_DIR
+    out = tiny_reward_dir / lifecycle.REWARD_MODEL_DIR
     results = json.loads((out / "eval_results.json").read_text())
     assert results["split"] == "test" and results["n"] > 500
     assert results["accuracy"] >= MIN_TEST_ACCURACY
@@ -190,7 +192,7 @@ def test_tiny_run_learns_the_preference_and_writes_its_outputs(tiny_reward_dir):
     ):
         assert (out / name).is_file(), name
 
-    records = common.read_metrics(out / "metrics.jsonl")
+    records = reporting.read_metrics(out / "metrics.jsonl")
     keys = set().union(*records)
     assert {"train/loss", "train/accuracy", "train/learning_rate", "eval/loss", "eval/accuracy", "eval/margin"} <= keys
     assert {"test/loss", "test/accuracy", "test/margin", "tokens/processed", "time/elapsed_s", "mem/peak_mb"} <= keys
@@ -202,7 +204,7 @@ def test_tiny_run_learns_the_preference_and_writes_its_outputs(tiny_reward_dir):
     model, tokenizer = common.load_reward_model(tiny_reward_dir, "cpu")
     assert model.config.pad_token_id == tokenizer.pad_token_id and tokenizer.padding_side == "left"
     test = common.load_processed_data(
-        common.parse_args(Args, TINY, ["--preset", "tiny", "--work_dir", str(tiny_reward_dir)])
+        lifecycle.parse_args(Args, TINY, ["--preset", "tiny", "--work_dir", str(tiny_reward_dir)])
     )["test"]
     r_c = common.get_reward(model, tokenizer, test["prompt"], test["chosen_response"], max_length=512)
     r_r = common.get_reward(model, tokenizer, test["prompt"], test["rejected_response"], max_length=512)
@@ -255,7 +257,7 @@ def test_tiny_reward_model_tells_shuffled_and_cut_salad_from_an_answer(tiny_rewa
 @pytest.mark.xfail(
     strict=True,
     reason="the 1M-parameter reward model does not learn a splice or a repeat (one odd junction in a fluent "
-    "reply) in its minute of training: measured gap ~0 (README, Known limits); the tiny oracle sees them",
+    "reply) in its minute of training: measured gap ~0 (docs/known_limits.md); the tiny oracle sees them",
 )
 def test_tiny_reward_model_tells_spliced_and_repeated_salad_from_an_answer(tiny_reward_dir):
     answer, scores = mean_scores_of_fresh_draws(tiny_reward_dir, ["splice", "repeat"])
@@ -265,7 +267,7 @@ def test_tiny_reward_model_tells_spliced_and_repeated_salad_from_an_answer(tiny_
 def work_dir_with_data(tmp_path, tiny_data_dir):
     work = tmp_path / "work"
     work.mkdir()
-    (work / common.PROCESSED_DIR).symlink_to(tiny_data_dir / common.PROCESSED_DIR)
+    (work / lifecycle.PROCESSED_DIR).symlink_to(tiny_data_dir / lifecycle.PROCESSED_DIR)
     return work
 
 
@@ -296,22 +298,24 @@ def test_ctrl_c_then_resume_continues_from_the_last_checkpoint(tmp_path, tiny_da
     stderr = (tmp_path / "err.txt").read_text()
     assert proc.returncode == 1
     assert "interrupted: rerun the same command with --resume" in stderr
-    assert not (work / common.REWARD_MODEL_DIR).exists()
+    assert not (work / lifecycle.REWARD_MODEL_DIR).exists()
     interrupted_at = int(last_checkpoint(run_dir).name.split("-")[1])
     assert interrupted_at >= 2
 
     resumed = run_script("reward_model_training.py", *argv, "--max_steps", interrupted_at + 3, "--resume")
     assert f"resuming from {run_dir}/checkpoint-{interrupted_at} (step {interrupted_at})" in resumed.stdout
-    results = json.loads((work / common.REWARD_MODEL_DIR / "eval_results.json").read_text())
+    results = json.loads((work / lifecycle.REWARD_MODEL_DIR / "eval_results.json").read_text())
     assert results["global_step"] == interrupted_at + 3
     # the log continues where the checkpoint was taken: every step once, nothing from the lost steps twice
     steps = [
-        r["step"] for r in common.read_metrics(work / common.REWARD_MODEL_DIR / "metrics.jsonl") if "train/loss" in r
+        r["step"]
+        for r in reporting.read_metrics(work / lifecycle.REWARD_MODEL_DIR / "metrics.jsonl")
+        if "train/loss" in r
     ]
     assert steps == list(range(1, interrupted_at + 4))
     # TensorBoard too: what the interrupted run logged past its checkpoint (on a 1000-step schedule) is purged
-    records = common.read_metrics(work / common.REWARD_MODEL_DIR / "metrics.jsonl")
-    scalars = tensorboard_scalars(run_dir / common.TENSORBOARD_DIR)
+    records = reporting.read_metrics(work / lifecycle.REWARD_MODEL_DIR / "metrics.jsonl")
+    scalars = tensorboard_scalars(run_dir / lifecycle.TENSORBOARD_DIR)
     assert_same_as_metrics(scalars, records, skip=("time/elapsed_s", "tokens/processed", "mem/peak_mb"))
     assert sorted(scalars["train/learning_rate"]) == list(range(1, interrupted_at + 4))
 
@@ -337,14 +341,14 @@ def work_dir_with_gold_pairs(tmp_path, tiny_data_dir, rows):
     """A work dir with the session's processed data, its gold_train split cut to `rows` pairs (None: no split)."""
     from datasets import load_from_disk
 
-    data = load_from_disk(str(tiny_data_dir / common.PROCESSED_DIR))
+    data = load_from_disk(str(tiny_data_dir / lifecycle.PROCESSED_DIR))
     if rows is None:
-        del data[common.GOLD_SPLIT]
+        del data[lifecycle.GOLD_SPLIT]
     else:
-        data[common.GOLD_SPLIT] = data[common.GOLD_SPLIT].select(range(rows))
+        data[lifecycle.GOLD_SPLIT] = data[lifecycle.GOLD_SPLIT].select(range(rows))
     work = tmp_path / "work"
-    data.save_to_disk(str(work / common.PROCESSED_DIR))
-    shutil.copy(tiny_data_dir / common.PROCESSED_DIR / "stats.json", work / common.PROCESSED_DIR / "stats.json")
+    data.save_to_disk(str(work / lifecycle.PROCESSED_DIR))
+    shutil.copy(tiny_data_dir / lifecycle.PROCESSED_DIR / "stats.json", work / lifecycle.PROCESSED_DIR / "stats.json")
     return work
 
 
@@ -352,21 +356,21 @@ def test_the_gold_reward_model_trains_on_gold_train_alone_into_its_own_folder(tm
     """Its own split, folders and results; its --model may be another base with the data's tokenizer (here a
     copy of the tiny model standing for gpt2-medium), which the proxy reward model refuses."""
     work = work_dir_with_gold_pairs(tmp_path, tiny_data_dir, rows=64)
-    larger = shutil.copytree(common.TINY_MODEL_DIR, tmp_path / "larger")
+    larger = shutil.copytree(lifecycle.TINY_MODEL_DIR, tmp_path / "larger")
     argv = ["--preset", "tiny", "--work_dir", work, "--model", larger]
     proc = run_script("reward_model_training.py", *argv, check=False)
-    assert proc.returncode == 1 and f"was tokenized for base model {str(common.TINY_MODEL_DIR)!r}" in proc.stderr
+    assert proc.returncode == 1 and f"was tokenized for base model {str(lifecycle.TINY_MODEL_DIR)!r}" in proc.stderr
     run_script(
-        "reward_model_training.py", *argv, "--train_split", common.GOLD_SPLIT,
+        "reward_model_training.py", *argv, "--train_split", lifecycle.GOLD_SPLIT,
         "--max_steps", 2, "--logging_steps", 1, "--save_steps", 2, "--eval_steps", 1000, "--max_eval_samples", 64,
     )  # fmt: skip
-    gold = work / common.GOLD_REWARD_MODEL_DIR
+    gold = work / lifecycle.GOLD_REWARD_MODEL_DIR
     results = json.loads((gold / "eval_results.json").read_text())
-    assert results["train_split"] == common.GOLD_SPLIT and results["n"] == 64 and 0 <= results["accuracy"] <= 1
+    assert results["train_split"] == lifecycle.GOLD_SPLIT and results["n"] == 64 and 0 <= results["accuracy"] <= 1
     assert results["base_model"] == str(larger)
     assert (gold / "gold_reward_model_curves.png").is_file() and (gold / "model.safetensors").is_file()
-    assert not (work / common.REWARD_MODEL_DIR).exists()  # the proxy's folder is not touched
-    records = common.read_metrics(work / "runs" / "gold_reward_model" / "metrics.jsonl")
+    assert not (work / lifecycle.REWARD_MODEL_DIR).exists()  # the proxy's folder is not touched
+    records = reporting.read_metrics(work / "runs" / "gold_reward_model" / "metrics.jsonl")
     # 2 steps of 32 pairs on the 64 gold pairs are one epoch; on the 2,000-odd train pairs they would be 3%
     assert [r["train/epoch"] for r in records if "train/epoch" in r][-1] == pytest.approx(1.0)
 
@@ -374,7 +378,7 @@ def test_the_gold_reward_model_trains_on_gold_train_alone_into_its_own_folder(tm
 def test_a_gold_reward_model_without_gold_pairs_is_one_line_with_the_rebuild_command(tmp_path, tiny_data_dir):
     work = work_dir_with_gold_pairs(tmp_path, tiny_data_dir, rows=None)
     proc = run_script(
-        "reward_model_training.py", "--preset", "tiny", "--work_dir", work, "--train_split", common.GOLD_SPLIT,
+        "reward_model_training.py", "--preset", "tiny", "--work_dir", work, "--train_split", lifecycle.GOLD_SPLIT,
         check=False,
     )  # fmt: skip
     lines = proc.stderr.strip().splitlines()
@@ -391,8 +395,8 @@ def test_two_processes_split_each_batch_and_write_one_model(tmp_path, tiny_data_
     proc = launch_two_processes(REPO / "reward_model_training.py", *argv)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("wrote ") == 1  # only the main process writes
-    data = common.load_processed_data(common.parse_args(Args, TINY, ["--preset", "tiny", "--work_dir", str(work)]))
-    records = common.read_metrics(work / common.REWARD_MODEL_DIR / "metrics.jsonl")
+    data = common.load_processed_data(lifecycle.parse_args(Args, TINY, ["--preset", "tiny", "--work_dir", str(work)]))
+    records = reporting.read_metrics(work / lifecycle.REWARD_MODEL_DIR / "metrics.jsonl")
     # 2 processes x 4 pairs: one optimizer step takes 8 pairs of the epoch
     assert records[0]["train/epoch"] == pytest.approx(1 / math.ceil(len(data["train"]) / 8))
     # the validation pass counts the tokens of both processes' shards (a few repeated pairs even out the last batch)
@@ -402,5 +406,5 @@ def test_two_processes_split_each_batch_and_write_one_model(tmp_path, tiny_data_
         sum(mask) for side in ("chosen", "rejected") for mask in data["validation"][f"attention_mask_{side}"]
     )
     assert val_tokens <= val["tokens/processed"] - last_train["tokens/processed"] < 1.1 * val_tokens
-    results = json.loads((work / common.REWARD_MODEL_DIR / "eval_results.json").read_text())
+    results = json.loads((work / lifecycle.REWARD_MODEL_DIR / "eval_results.json").read_text())
     assert results["n"] == len(data["test"])

@@ -2,6 +2,7 @@
 refuses: abbreviated flags, and a hub model with no way to reach the Hub (a few seconds, one line)."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import time
 import pytest
 from conftest import LOG_FILE_ENV, REPO, SCRIPT_ENV, run_script
 
-from common import parse_args
+from lifecycle import parse_args
 
 
 def pipeline(*argv):
@@ -253,3 +254,23 @@ def test_ctrl_c_stops_the_stages_running_beside_each_other(tmp_path):
     for pid in map(int, events.read_text().split()):
         with pytest.raises(ProcessLookupError):  # the stage is gone, not orphaned
             os.kill(pid, 0)
+
+
+@pytest.mark.parametrize("visible", ["", "0", "3,5"])
+def test_on_cuda_a_gpt2_run_puts_two_stages_side_by_side_only_on_named_devices(tmp_path, monkeypatch, visible):
+    """--jobs 2 on one GPU would put two gpt2 models on one card: one stage at a time, in one line, unless
+    CUDA_VISIBLE_DEVICES names two devices, each stage beside another then on one of them."""
+    work = tmp_path / "w"
+    (work / "processed_data" / "gold_train").mkdir(parents=True)
+    body = 'if [ "$1" = -c ]; then echo 2; exit 0; fi; sleep 0.3; echo "$1 on [$CUDA_VISIBLE_DEVICES]"'
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    proc = run_pipeline("--work_dir", work, "--jobs", 2, "--from", "reward", python=fake_python(tmp_path, body))
+    assert proc.returncode == 0, proc.stderr
+    if visible == "3,5":
+        assert "== --jobs 2 on CUDA: each stage beside another on a device of its own" in proc.stdout
+        beside = re.findall(r"== (\S+)\.py .*beside another stage on CUDA device (\d)", proc.stdout)
+        assert len(beside) >= 2 and {device for _, device in beside} == {"3", "5"}, proc.stdout
+        assert "reward_model_training.py on [3]" in proc.stdout + (work / "logs" / "reward.log").read_text()
+    else:
+        line = "== --jobs 2 on CUDA: one stage at a time (two would share one GPU); name devices to run stages side"
+        assert line in proc.stdout and "beside another stage" not in proc.stdout, proc.stdout

@@ -7,6 +7,7 @@ import random
 import pytest
 
 import common
+import lifecycle
 from assets import make_tiny_data as gen
 from assets import tiny_oracle as oracle
 
@@ -77,7 +78,7 @@ def test_hand_labelled_replies(reply, label):
 def test_the_bundled_test_split_agrees_with_its_labels_but_for_the_flipped_share():
     """Chosen is `good` and rejected is not on every kept pair, but for the ~3% whose labels were flipped."""
     outcomes = []
-    with gzip.open(common.TINY_DATA_DIR / "test.jsonl.gz", "rt") as f:
+    with gzip.open(lifecycle.TINY_DATA_DIR / "test.jsonl.gz", "rt") as f:
         for row in map(json.loads, f):
             if common.drop_reason(row) is None:
                 prompt, chosen = common.split_conversation(row["chosen"])

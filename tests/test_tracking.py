@@ -15,7 +15,9 @@ from conftest import SCRIPT_ENV, JsonHandler, assert_same_as_metrics, run_script
 from huggingface_hub import ModelCard
 
 import common
-from common import (
+import lifecycle
+import reporting
+from lifecycle import (
     DPO_DIR,
     GOLD_REWARD_MODEL_DIR,
     GRPO_BEST_DIR,
@@ -36,12 +38,12 @@ def test_every_training_run_logs_metrics_jsonl_to_tensorboard(tiny_reward_dir, t
     runs = {"reward_model": tiny_reward_dir / "runs" / "reward_model"}
     runs |= {name: tiny_pipeline / "runs" / name for name in ("gold_reward_model", "ppo", "grpo", "dpo")}
     for name, run_dir in runs.items():
-        records = common.read_metrics(run_dir / "metrics.jsonl")
-        scalars = tensorboard_scalars(run_dir / common.TENSORBOARD_DIR)
+        records = reporting.read_metrics(run_dir / "metrics.jsonl")
+        scalars = tensorboard_scalars(run_dir / lifecycle.TENSORBOARD_DIR)
         # the reward model logs through Trainer's TensorBoard callback: its logs, without our cost counters
         assert_same_as_metrics(scalars, records, skip=COST_KEYS if "reward_model" in name else ())
         assert len(records) >= 3 and len(scalars) >= 8, (name, len(records), sorted(scalars))
-    hparams = glob.glob(str(tiny_pipeline / "runs" / "ppo" / common.TENSORBOARD_DIR / "*" / "hparams.yml"))
+    hparams = glob.glob(str(tiny_pipeline / "runs" / "ppo" / lifecycle.TENSORBOARD_DIR / "*" / "hparams.yml"))
     total_steps = json.loads((tiny_pipeline / PPO_DIR / "args.json").read_text())["total_steps"]
     assert len(hparams) == 1 and f"total_steps: {total_steps}\n" in open(hparams[0]).read()  # settings: its config
 
@@ -60,16 +62,16 @@ def test_a_resumed_run_replaces_what_the_killed_run_logged_past_its_checkpoint(w
     ppo.main(args(2, 42))
     at_step_2 = (run_dir / "checkpoint.pt").read_bytes()
     ppo.main(args(3, 7, "--resume"))  # the step 3 that is lost
-    lost = tensorboard_scalars(run_dir / common.TENSORBOARD_DIR)
+    lost = tensorboard_scalars(run_dir / lifecycle.TENSORBOARD_DIR)
     (run_dir / "checkpoint.pt").write_bytes(at_step_2)  # as if killed before step 3's checkpoint
     ppo.main(args(3, 42, "--resume"))
-    scalars = tensorboard_scalars(run_dir / common.TENSORBOARD_DIR)
-    records = common.read_metrics(run_dir / "metrics.jsonl")
+    scalars = tensorboard_scalars(run_dir / lifecycle.TENSORBOARD_DIR)
+    records = reporting.read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3] and sorted(scalars["objective/kl"]) == [1, 2, 3]
     assert_same_as_metrics(scalars, records)
     assert lost["objective/scores"][3] != scalars["objective/scores"][3]  # the lost step 3 is gone
     assert lost["objective/scores"][2] == scalars["objective/scores"][2]
-    assert len(glob.glob(str(run_dir / common.TENSORBOARD_DIR / "events.out.tfevents.*"))) == 3  # one per run
+    assert len(glob.glob(str(run_dir / lifecycle.TENSORBOARD_DIR / "events.out.tfevents.*"))) == 3  # one per run
 
 
 def wandb_records(path):
@@ -111,7 +113,7 @@ def test_a_run_with_wandb_offline_and_a_refused_upload(tiny_data_dir, tmp_path, 
     proc = run_script("DPO_training.py", *argv, check=False, env=env)
 
     # wandb, offline
-    run_id = json.loads((work / "runs" / "dpo" / common.TRACKER_RUN_FILE).read_text())["id"]
+    run_id = json.loads((work / "runs" / "dpo" / reporting.TRACKER_RUN_FILE).read_text())["id"]
     (path,) = glob.glob(str(work / "runs" / "dpo" / "wandb" / "offline-run-*" / f"run-{run_id}.wandb"))
     history, config, runs = [], {}, []
 
@@ -128,9 +130,9 @@ def test_a_run_with_wandb_offline_and_a_refused_upload(tiny_data_dir, tmp_path, 
         elif kind == "run":
             runs.append(record.run)
     assert [(r.project, r.display_name, r.run_id) for r in runs][:1] == [
-        (common.TRACKER_PROJECT, f"dpo-{run_id}", run_id)
+        (reporting.TRACKER_PROJECT, f"dpo-{run_id}", run_id)
     ]
-    records = common.read_metrics(work / "runs" / "dpo" / "metrics.jsonl")
+    records = reporting.read_metrics(work / "runs" / "dpo" / "metrics.jsonl")
     assert [h["_step"] for h in history] == [r["step"] for r in records]
     for logged, record in zip(history, records):
         assert {k: v for k, v in logged.items() if not k.startswith("_")} == {
@@ -180,7 +182,7 @@ def test_wandb_without_a_login_is_one_line_with_the_offline_hint(tiny_data_dir, 
     args = parse_args(dpo.Args, dpo.TINY, ["--work_dir", str(work), "--report_to", "wandb"])
     accelerator = common.make_accelerator(args, work / "runs" / "dpo")
     with pytest.raises(UserError) as error:
-        common.start_tracking(accelerator, args, work / "runs" / "dpo", "dpo", None)
+        reporting.start_tracking(accelerator, args, work / "runs" / "dpo", "dpo", None)
     message = f"error: {error.value}"
     assert message.startswith(start) and "API key" in message and message.endswith(hint) and "\n" not in message
 
@@ -197,7 +199,7 @@ def test_a_tracker_that_is_not_installed_is_refused_in_one_line(tmp_path, monkey
     ]:
         monkeypatch.setattr(sys, "argv", [*sys.argv[:5], "--report_to", report_to])
         with pytest.raises(SystemExit) as exit:
-            common.run(lambda args: pytest.fail("trained without its tracker"), ppo.Args, ppo.TINY)
+            lifecycle.run(lambda args: pytest.fail("trained without its tracker"), ppo.Args, ppo.TINY)
         assert str(exit.value) == message
     assert not (tmp_path / "runs").exists()
 
@@ -243,9 +245,9 @@ def test_every_model_folder_has_a_card_with_its_own_figures(tiny_pipeline):
         assert {tag, "rlhf", "tiny-preset"} <= set(data["tags"]), folder
         assert card.data.model_name.startswith(title), (folder, card.data.model_name)
         # the figures: every number of eval_results.json in the table, the headline ones in model-index as stored
-        results = common.flatten(json.loads((path / "eval_results.json").read_text()))
+        results = reporting.flatten(json.loads((path / "eval_results.json").read_text()))
         assert results and card.data.eval_results, folder
-        headline = {name: key for key, _, name in common.CARDS[METHODS[folder]][4]}
+        headline = {name: key for key, _, name in reporting.CARDS[METHODS[folder]][4]}
         assert [r.metric_name for r in card.data.eval_results] == [n for n, k in headline.items() if k in results]
         for result in card.data.eval_results:
             assert result.metric_value == results[headline[result.metric_name]], (folder, result.metric_name)
@@ -256,12 +258,12 @@ def test_every_model_folder_has_a_card_with_its_own_figures(tiny_pipeline):
         args = json.loads((path / "args.json").read_text())
         work_dir = os.path.basename(args["work_dir"])  # a card is published: no path of this machine in it
         assert f"--work_dir {work_dir}" in card.text and f"| `seed` | `{args['seed']}` |" in card.text
-        assert args["work_dir"] not in card.text and str(common.REPO_DIR) not in card.text, folder
+        assert args["work_dir"] not in card.text and str(lifecycle.REPO_DIR) not in card.text, folder
         (png,) = [name for name in os.listdir(path) if name.endswith("_curves.png")]
         assert f"![training curves]({png})" in card.text
         assert "> **Tiny preset.**" in card.text
         # the evaluation's summary row, where it has one
-        assert (common.EVALUATION_HEADING in card.text) == evaluated, folder
+        assert (reporting.EVALUATION_HEADING in card.text) == evaluated, folder
         if evaluated:
             name = {GRPO_BEST_DIR: "grpo"}.get(folder, folder.split("_")[0])
             for column in ("reward_mean", "kl_mean", "oracle_good"):
@@ -275,7 +277,7 @@ def test_a_gpt2_card_names_the_hub_model_and_data_and_a_rerun_evaluation_replace
 
     args = parse_args(ppo.Args, ppo.TINY, ["--work_dir", str(tmp_path), "--total_steps", "900"])
     results = {"prompts": 150, "ppo": {"score": 1.25, "kl": 3.5}, "base": {"score": 0.5, "kl": 0.0}}
-    common.model_card("ppo", args, results, "PPO_training.py", ppo.TINY, curves="ppo_curves.png").save(
+    reporting.model_card("ppo", args, results, "PPO_training.py", ppo.TINY, curves="ppo_curves.png").save(
         tmp_path / "README.md"
     )
     card = ModelCard.load(tmp_path / "README.md")
@@ -285,9 +287,11 @@ def test_a_gpt2_card_names_the_hub_model_and_data_and_a_rerun_evaluation_replace
     assert f"python PPO_training.py --preset gpt2 --work_dir {tmp_path.name} --total_steps 900\n" in card.text
     assert "[gpt2](https://huggingface.co/gpt2)" in card.text and str(tmp_path) not in card.text
     for table in ("| figure | base | ppo |\n| `kl_mean` | 0 | 1 |", "| figure | base | ppo |\n| `kl_mean` | 0 | 2 |"):
-        common.add_evaluation_to_card(tmp_path, table, "python evaluate_models.py --preset gpt2")
+        reporting.add_evaluation_to_card(tmp_path, table, "python evaluate_models.py --preset gpt2")
     card = ModelCard.load(tmp_path / "README.md")
-    assert card.text.count(common.EVALUATION_HEADING) == 1 and "| 0 | 2 |" in card.text and "| 0 | 1 |" not in card.text
+    assert (
+        card.text.count(reporting.EVALUATION_HEADING) == 1 and "| 0 | 2 |" in card.text and "| 0 | 1 |" not in card.text
+    )
     assert card.data.eval_results[0].metric_value == 1.25  # the metadata kept
 
 
@@ -345,11 +349,11 @@ def test_push_to_hub_checks_its_repo_its_token_and_the_hub_before_training(tmp_p
             monkeypatch.delenv("HF_TOKEN", raising=False)
         monkeypatch.setattr(sys, "argv", [*argv, repo])
         with pytest.raises(SystemExit) as exit:
-            common.run(lambda args: pytest.fail("trained before the checks"), dpo.Args, dpo.TINY)
+            lifecycle.run(lambda args: pytest.fail("trained before the checks"), dpo.Args, dpo.TINY)
         assert str(exit.value).startswith(message) and "\n" not in str(exit.value), str(exit.value)
         assert "hf_wrong" not in str(exit.value)
     monkeypatch.setenv("HF_TOKEN", "hf_good")
-    common.check_push(parse_args(dpo.Args, dpo.TINY, ["--push_to_hub", "someone/tiny-dpo"]))  # passes
+    lifecycle.check_push(parse_args(dpo.Args, dpo.TINY, ["--push_to_hub", "someone/tiny-dpo"]))  # passes
     assert not (tmp_path / "work" / "runs").exists()
 
 
@@ -364,7 +368,7 @@ def test_push_to_hub_sends_the_finished_folder_with_its_card(tiny_pipeline, tmp_
     )
     monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.append(("upload", kw["repo_id"], kw)))
     folder = shutil.copytree(tiny_pipeline / PPO_DIR, tmp_path / PPO_DIR)
-    common.push_folder(folder, "someone/tiny-ppo")
+    reporting.push_folder(folder, "someone/tiny-ppo")
     assert [(kind, repo) for kind, repo, _ in calls] == [("create", "someone/tiny-ppo"), ("upload", "someone/tiny-ppo")]
     assert calls[0][2] == {"exist_ok": True} and calls[1][2]["folder_path"] == str(folder)
     assert calls[1][2]["ignore_patterns"] == ["*.tmp-*"]  # a killed card update's leftover stays home
@@ -383,4 +387,4 @@ def test_push_to_hub_sends_the_finished_folder_with_its_card(tiny_pipeline, tmp_
 
     monkeypatch.setattr(HfApi, "upload_folder", refused)
     with pytest.raises(UserError, match=r"the upload failed \(403 Forbidden: you cannot write to someone/tiny-ppo\)"):
-        common.push_folder(folder, "someone/tiny-ppo")
+        reporting.push_folder(folder, "someone/tiny-ppo")
