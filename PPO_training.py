@@ -66,6 +66,7 @@ from transformers.utils import ModelOutput
 
 from common import (
     AdaptiveKLController,
+    FP32Linear,
     entropy_from_logits,
     gather_logprobs,
     generate_responses,
@@ -192,7 +193,7 @@ class PolicyWithValueHead(nn.Module):
     def __init__(self, policy):
         super().__init__()
         self.policy = policy
-        self.value_head = nn.Linear(policy.config.hidden_size, 1)
+        self.value_head = FP32Linear(policy.config.hidden_size, 1)  # values in fp32 under autocast
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 

@@ -300,6 +300,27 @@ def fused_activation(name_or_path):
     return {}
 
 
+class FP32Linear(torch.nn.Linear):
+    """An output head (the LM head, a reward model's score, PPO's value head) computed in fp32 even under autocast.
+
+    Under bf16 autocast a head's output would be rounded to bf16: GPT-2's raw logits are tens, where bf16's step is
+    0.125-0.5 (log-probs from them are off by as much), and a reward beyond 4 moves in steps of 0.03 (equal rewards
+    inside a GRPO group, quantised PPO value targets). The body stays in the autocast dtype; only the head, one
+    matrix product, runs in fp32. Without autocast (a CPU here) it is exactly `nn.Linear`."""
+
+    def forward(self, hidden):
+        with torch.autocast(hidden.device.type, enabled=False):
+            bias = None if self.bias is None else self.bias.float()
+            return torch.nn.functional.linear(hidden.float(), self.weight.float(), bias)
+
+
+def fp32_head(head):
+    """Make a loaded `nn.Linear` head an `FP32Linear` in place (its weights untouched); returns it."""
+    if type(head) is torch.nn.Linear:
+        head.__class__ = FP32Linear
+    return head
+
+
 def load_causal_lm(name_or_path, tokenizer):
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **fused_activation(name_or_path))
@@ -308,6 +329,7 @@ def load_causal_lm(name_or_path, tokenizer):
         raise UserError(f"cannot load a causal LM from {name_or_path} ({first_line(e)}){hint}") from None
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    fp32_head(model.get_output_embeddings())  # log-probs from fp32 logits
     return model
 
 
@@ -328,6 +350,7 @@ def load_reward_model(work_dir, device, args=None, gold=False):
     if why := damage(weights):
         raise UserError(f"{weights} is {why}: retrain it with `{train}`")
     model = AutoModelForSequenceClassification.from_pretrained(folder, **fused_activation(folder)).to(device).eval()
+    fp32_head(model.score)  # rewards in fp32
     model.requires_grad_(False)
     return model, load_tokenizer(folder)
 
@@ -392,7 +415,9 @@ def response_logits(model, input_ids, attention_mask, context_length, temperatur
     # prompt (for gpt2 that is 50257 floats saved per prompt token).
     keep = input_ids.shape[1] - context_length + 1
     output = forward(model, input_ids, attention_mask, logits_to_keep=keep, **kwargs)
-    return output.logits[:, :-1] / temperature, output
+    logits = output.logits[:, :-1]
+    # at temperature 1 no division: it would copy the whole (B, R, V) tensor (gpt2: 200 KB a token) for nothing
+    return (logits if temperature == 1.0 else logits / temperature), output
 
 
 def last_token_index(attention_mask):

@@ -60,6 +60,7 @@ from transformers.trainer_callback import ExportableState, ProgressCallback
 from transformers.utils import logging as hf_logging
 
 from common import (
+    fp32_head,
     fused_activation,
     load_processed_data,
     load_tokenizer,
@@ -409,6 +410,7 @@ def main(args):
     if processes.is_main_process and torch.cuda.is_available():
         print(f"precision: {precision()[1]}")
     model.config.pad_token_id = tokenizer.pad_token_id
+    fp32_head(model.score)  # the score in fp32 under autocast, as every script reads it
 
     report_to, tracker_callbacks, tracker_run = trainer_tracking(
         args, run_dir, run_name, resume_step, processes.is_main_process

@@ -350,3 +350,33 @@ def test_the_precision_follows_what_the_gpu_computes_natively(monkeypatch, gpu, 
     assert name == expected[0] and reason.startswith(expected[1]), reason
     assert asked == ([] if gpu is None else [False])  # never the emulated answer
     assert common.MIXED_PRECISION[name] == {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[name]
+
+
+def test_output_heads_stay_fp32_under_bf16_autocast_while_the_body_runs_in_bf16(tiny_reward_dir):
+    """The LM head, the reward model's score and PPO's value head, under CPU bf16 autocast: each equals an fp32
+    computation on the same final hidden state within 1e-5; the body is bf16 (its logits move from fp32's)."""
+    import PPO_training as ppo
+
+    tokenizer = common.load_tokenizer(str(lifecycle.TINY_MODEL_DIR))
+    lm = common.load_causal_lm(str(lifecycle.TINY_MODEL_DIR), tokenizer).eval()
+    reward_model, _ = common.load_reward_model(tiny_reward_dir, "cpu")
+    ids = torch.randint(0, lm.config.vocab_size, (2, 24))
+    ids[ids == tokenizer.pad_token_id] = tokenizer.pad_token_id - 1  # the classifier reads the last non-pad token
+    with torch.no_grad():
+        full_fp32 = lm(ids).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = lm(ids, output_hidden_states=True)
+            scored = reward_model(ids, output_hidden_states=True)
+            policy = ppo.PolicyWithValueHead(lm)
+            torch.nn.init.normal_(policy.value_head.weight)
+            values = policy(ids, torch.ones_like(ids), None).values
+    hidden = out.hidden_states[-1].float()
+    assert out.logits.dtype == torch.float32 and values.dtype == torch.float32
+    torch.testing.assert_close(out.logits, hidden @ lm.lm_head.weight.T, rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        scored.logits, scored.hidden_states[-1].float()[:, -1] @ reward_model.score.weight.T, rtol=0, atol=1e-5
+    )
+    head = policy.value_head
+    torch.testing.assert_close(values, (hidden @ head.weight.T + head.bias).squeeze(-1), rtol=0, atol=1e-5)
+    assert (out.logits - full_fp32).abs().max() > 1e-3  # the body did run in bf16
+    assert type(common.fp32_head(torch.nn.Linear(2, 1))) is common.FP32Linear
