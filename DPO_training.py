@@ -109,6 +109,13 @@ class Args(PolicyArgs):
         default=0.1, metadata={"help": "share of the steps with a linear warm-up, then linear decay"}
     )
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient to this global norm"})
+    group_by_length: bool = field(
+        default=True,
+        metadata={
+            "help": "batches of pairs of similar lengths (as Trainer's group_by_length; the seed: off): the same "
+            "pairs per epoch, less padding"
+        },
+    )
     # algorithm
     beta: float = field(default=0.1, metadata={"help": "DPO temperature: strength of the implicit KL to the reference"})
     label_smoothing: float = field(
@@ -131,8 +138,12 @@ class Args(PolicyArgs):
 # Tiny: a high learning rate for a few steps of a 1M model. With an earlier tiny model, 5e-4 drifted to word
 # salad (KL 45 nats per reply, length x1.5). With today's (sharper, trained on fluent replies only) 2e-4 left
 # the validation loss at 0.47, as the minimal salad pairs are hard; 3e-4 reaches 0.375 at KL 2.2, and the
-# oracle's share of real answers goes from base's 0.58 to 0.79 (4e-4: 0.77 at KL 3.5).
+# oracle's share of real answers goes from base's 0.58 to 0.79 (4e-4: 0.77 at KL 3.5). Its batches stay
+# shuffled, not grouped by length: grouping would cut the padded share from 33% to 8% (benchmarks/padding.py on
+# the tiny data, batches of 8), but the preset was tuned shuffled, and grouped (seed 42) its oracle share fell
+# from 0.71 to 0.65, below base's interval; a 40-step run sees each length group in a handful of batches.
 TINY = dict(
+    group_by_length=False,
     max_train_samples=320,
     max_eval_samples=256,
     per_device_train_batch_size=8,
@@ -221,11 +232,23 @@ def collate_pairs(pairs, eos_token_id, max_seq_len, padding_side="left"):
     }
 
 
-class EpochShuffle(Sampler):
-    """A fresh permutation per epoch, seeded by (seed, epoch): every process and a resumed run see the same order."""
+def pair_length(pair, max_seq_len):
+    """The width a pair pads its batch to: its longer row, prompt + reply + EOS, at most `max_seq_len` tokens."""
+    return min(len(pair["prompt"]) + max(len(pair["chosen"]), len(pair["rejected"])) + 1, max_seq_len)
 
-    def __init__(self, n, seed):
+
+class EpochShuffle(Sampler):
+    """A fresh permutation per epoch, seeded by (seed, epoch): every process and a resumed run see the same order.
+
+    With `lengths` (each pair's `pair_length`), grouped by length as Trainer's `group_by_length` does: the
+    permutation is cut into windows of 50 batches (of `batch_size` pairs: all processes' together), each sorted
+    longest first, so that a batch pads to about its own pairs' length rather than to the longest of the split.
+    The same pairs in every epoch; which pairs share a batch is still shuffled from epoch to epoch.
+    """
+
+    def __init__(self, n, seed, lengths=None, batch_size=1):
         self.n, self.seed, self.epoch = n, seed, 0
+        self.lengths, self.window = lengths, 50 * batch_size
 
     def set_epoch(self, epoch):  # accelerate's prepared loader forwards `set_epoch` to its sampler
         self.epoch = epoch
@@ -234,7 +257,12 @@ class EpochShuffle(Sampler):
         return self.n
 
     def __iter__(self):
-        yield from torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        if self.lengths is None:
+            yield from order
+            return
+        for start in range(0, self.n, self.window):
+            yield from sorted(order[start : start + self.window], key=lambda i: -self.lengths[i])
 
 
 # ---------------------------------------------------------------------------
@@ -428,7 +456,12 @@ def main(args):
     train_loader = DataLoader(
         train_set,
         batch_size=args.per_device_train_batch_size,
-        sampler=EpochShuffle(len(train_set), args.seed),
+        sampler=EpochShuffle(
+            len(train_set),
+            args.seed,
+            lengths=[pair_length(pair, args.max_seq_len) for pair in train_set] if args.group_by_length else None,
+            batch_size=args.per_device_train_batch_size * accelerator.num_processes,
+        ),
         collate_fn=collate,
     )
     val_loader = DataLoader(val_set, batch_size=args.per_device_eval_batch_size, collate_fn=collate)

@@ -135,3 +135,27 @@ def test_trl_comparison_adds_trl_lines_and_the_ratios():
     records = check_records(proc.stdout, ["generate"], ["ours", "trl"])
     ours, trl = records[0]["samples_per_s"], records[1]["samples_per_s"]
     assert records[-1] == {"ratios": {"generate": round(ours / trl, 3)}}
+
+
+def test_padding_counts_less_padding_when_batches_are_grouped_by_length():
+    """benchmarks/padding.py on the tiny data: one epoch of the reward model's and DPO's batches, shuffled and
+    grouped by length, as each script draws them."""
+    script = REPO / "benchmarks" / "padding.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    argv = ["--dataset", REPO / "assets/tiny_hh", "--model", REPO / "assets/tiny_gpt2", "--train_subset", 400]
+    proc = subprocess.run(
+        [sys.executable, script, *map(str, argv)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in proc.stdout.splitlines() if line[:3] == "| r"}
+    rows |= {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in proc.stdout.splitlines() if line[:3] == "| D"}
+    share = {name: float(cells[0].rstrip("%")) for name, cells in rows.items()}
+    assert list(share) == [
+        "reward model, 8 pairs, shuffled",
+        "reward model, 8 pairs, grouped by length",
+        "DPO, 4 pairs, shuffled",
+        "DPO, 4 pairs, grouped by length",
+    ]
+    assert share["reward model, 8 pairs, grouped by length"] < share["reward model, 8 pairs, shuffled"]
+    assert share["DPO, 4 pairs, grouped by length"] < share["DPO, 4 pairs, shuffled"]
+    assert all(0 <= s < 100 for s in share.values())

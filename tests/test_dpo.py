@@ -367,3 +367,31 @@ def test_help_lists_every_field_with_its_default(capsys):
     help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     for name, f in dpo.Args.__dataclass_fields__.items():
         assert f"--{name}" in help_text and f"(default: {f.default})" in help_text, name
+
+
+def test_length_grouped_epochs_hold_every_pair_once_in_windows_sorted_longest_first():
+    lengths = [int(x) for x in torch.randint(5, 500, (1000,), generator=torch.Generator().manual_seed(0))]
+    sampler = dpo.EpochShuffle(len(lengths), seed=3, lengths=lengths, batch_size=4)
+    first = list(sampler)
+    assert sorted(first) == list(range(1000)) and first == list(sampler)  # a permutation, the same on every process
+    for start in range(0, 1000, 200):  # windows of 50 batches of 4
+        window = [lengths[i] for i in first[start : start + 200]]
+        assert window == sorted(window, reverse=True)
+    sampler.set_epoch(1)
+    assert sorted(list(sampler)) == list(range(1000)) and list(sampler) != first  # reshuffled, same pairs
+
+    def padded_share(order):
+        batches = [order[i : i + 4] for i in range(0, len(order), 4)]
+        padded = sum(4 * max(lengths[i] for i in b) for b in batches)
+        return 1 - sum(lengths) / padded
+
+    plain = list(dpo.EpochShuffle(len(lengths), seed=3))
+    assert padded_share(first) < 0.05 < 0.3 < padded_share(plain)
+
+
+def test_a_pair_pads_to_its_longer_row_within_max_seq_len():
+    pair = {"idx": 0, "prompt": [1] * 10, "chosen": [2] * 7, "rejected": [3] * 3}
+    assert dpo.pair_length(pair, 512) == 18  # prompt + the longer reply + EOS
+    assert dpo.pair_length(pair, 12) == 12
+    batch = dpo.collate_pairs([pair], eos_token_id=0, max_seq_len=512)
+    assert batch["input_ids"].shape[1] == dpo.pair_length(pair, 512)
