@@ -59,6 +59,7 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from common import (
+    adamw,
     gather_logprobs,
     join_conversation,
     load_causal_lm,
@@ -481,12 +482,7 @@ def main(args):
     batches_per_epoch = math.ceil(len(train_set) / (args.per_device_train_batch_size * num_processes))
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     total_steps = args.max_steps or args.num_train_epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(  # fused: one kernel for every parameter on a GPU, not one per tensor
-        policy.parameters(),
-        lr=args.learning_rate,
-        weight_decay=args.weight_decay,
-        fused=accelerator.device.type == "cuda",
-    )
+    optimizer = adamw(policy.parameters(), args.learning_rate, args.weight_decay, accelerator.device)
     # A prepared scheduler advances num_processes times per optimizer step (accelerate's convention).
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(args.warmup_ratio * total_steps) * num_processes, total_steps * num_processes
@@ -546,8 +542,12 @@ def main(args):
         accelerator.wait_for_everyone()
         if is_main:
             state = {"model": unwrap(policy).state_dict(), "optimizer": optimizer.state_dict()}
-            state |= {"scheduler": scheduler.state_dict(), "step": step, "last_eval": eval_metrics}
-            state["total_steps"] = total_steps
+            state |= {
+                "scheduler": scheduler.state_dict(),
+                "step": step,
+                "total_steps": total_steps,
+                "last_eval": eval_metrics,
+            }
             save_checkpoint(checkpoint_path, state)
             if step < total_steps:  # the curves so far (the last step's are drawn with the final policy)
                 plot_metrics(logger.path, PLOT_KEYS, run_dir / f"{RUN_NAME}_curves.png", title="DPO")

@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 from common import (
     AdaptiveKLController,
+    adamw,
     entropy_from_logits,
     gather_logprobs,
     generate_responses,
@@ -360,12 +361,7 @@ def main(args):
     reward_model, reward_tokenizer = load_reward_model(args.work_dir, device, args)
     policy.eval()  # dropout off: the loss's log-probs are those of the policy that sampled
     reference.eval()
-    optimizer = torch.optim.AdamW(  # fused: one kernel for every parameter on a GPU, not one per tensor
-        policy.parameters(),
-        lr=args.learning_rate,
-        weight_decay=args.weight_decay,
-        fused=accelerator.device.type == "cuda",
-    )
+    optimizer = adamw(policy.parameters(), args.learning_rate, args.weight_decay, accelerator.device)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)
 

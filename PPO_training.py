@@ -67,6 +67,7 @@ from transformers.utils import ModelOutput
 from common import (
     AdaptiveKLController,
     FP32Linear,
+    adamw,
     entropy_from_logits,
     gather_logprobs,
     generate_responses,
@@ -468,12 +469,7 @@ def main(args):
     ref_model = load_causal_lm(args.model, tokenizer).to(device).eval().requires_grad_(False)
     reward_model, rm_tokenizer = load_reward_model(args.work_dir, device, args)
     model.eval()  # dropout off for good: rollout and update must see the same policy
-    optimizer = torch.optim.AdamW(  # fused: one kernel for every parameter on a GPU, not one per tensor
-        model.parameters(),
-        lr=args.learning_rate,
-        weight_decay=args.weight_decay,
-        fused=accelerator.device.type == "cuda",
-    )
+    optimizer = adamw(model.parameters(), args.learning_rate, args.weight_decay, accelerator.device)
     kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)
 
     start_step = 0

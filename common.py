@@ -82,6 +82,17 @@ def precision():
     return "fp16", f"{gpu} has no native bf16: fp16 autocast with a gradient scaler"
 
 
+def trainer_precision():
+    """`precision()` as Trainer's (and TRL's) flags: {"bf16": ..., "fp16": ...}; Trainer brings fp16's scaler."""
+    name = precision()[0]
+    return {"bf16": name == "bf16", "fp16": name == "fp16"}
+
+
+def adamw(parameters, learning_rate, weight_decay, device):
+    """The hand-written loops' AdamW, fused on a GPU: one kernel for every parameter, not one per tensor."""
+    return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay, fused=device.type == "cuda")
+
+
 def make_accelerator(args=None, run_dir=None):
     """The hand-written loops' Accelerator in this machine's `precision()` (said in one line), with --report_to's
     trackers (TensorBoard writes run_dir/tensorboard/)."""
@@ -560,12 +571,12 @@ def get_reward(reward_model, tokenizer, prompts, responses, max_length, batch_si
     """Score `join_conversation(prompt, response)` texts exactly as the reward model was trained: (N,)."""
     device = next(reward_model.parameters()).device
     texts = [join_conversation(p, r) for p, r in zip(list(prompts), list(responses))]
+    dtype = AUTOCAST_DTYPES[precision()[0]]
     scores = []
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(
             texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length
         )
-        dtype = AUTOCAST_DTYPES[precision()[0]]
         with torch.autocast(
             device.type, dtype=dtype or torch.float32, enabled=dtype is not None and device.type == "cuda"
         ):

@@ -68,6 +68,7 @@ from common import (
     reward_scores,
     save_pretrained_atomic,
     set_seed,
+    trainer_precision,
 )
 from lifecycle import (
     FINISHING,
@@ -426,8 +427,7 @@ def main(args):
         lr_scheduler_type="linear",
         weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm,
-        bf16=precision()[0] == "bf16",
-        fp16=precision()[0] == "fp16",  # Trainer brings the gradient scaler
+        **trainer_precision(),
         eval_strategy="steps",
         eval_steps=args.eval_steps,
         save_strategy="steps",

@@ -97,6 +97,7 @@ import PPO_training as ppo
 import reward_model_training as rm
 from common import (
     filter_edge_cases,
+    fp32_head,
     fused_activation,
     generate_responses,
     join_conversation,
@@ -104,9 +105,9 @@ from common import (
     load_preference_data,
     load_tokenizer,
     make_accelerator,
-    precision,
     response_mask_from_eos,
     set_seed,
+    trainer_precision,
 )
 from lifecycle import PRESETS, CommonArgs, UserError, check, parse_args
 from reporting import MetricsLogger, peak_memory_mb
@@ -338,6 +339,7 @@ class Workload:
         model = AutoModelForSequenceClassification.from_pretrained(
             self.model_path, num_labels=1, **fused_activation(self.model_path)
         )
+        fp32_head(model.score)  # as reward_model_training.py
         model.config.pad_token_id = self.eos
         return model
 
@@ -390,8 +392,7 @@ def trl_settings(args, out_dir, total_steps, script_args, scheduler):
         lr_scheduler_type=scheduler,
         gradient_accumulation_steps=1,
         gradient_checkpointing=False,  # TRL's default is on; ours never recomputes activations
-        bf16=precision()[0] == "bf16",  # TRL's default is on, on CPU too; ours: bf16 autocast on GPU only
-        fp16=precision()[0] == "fp16",
+        **trainer_precision(),  # TRL's default is bf16, on CPU too; ours: autocast on GPU only
         logging_steps=LOG_NEVER,
         save_strategy="no",
         report_to="none",

@@ -350,6 +350,7 @@ def test_the_precision_follows_what_the_gpu_computes_natively(monkeypatch, gpu, 
     assert name == expected[0] and reason.startswith(expected[1]), reason
     assert asked == ([] if gpu is None else [False])  # never the emulated answer
     assert common.MIXED_PRECISION[name] == {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[name]
+    assert common.trainer_precision() == {"bf16": name == "bf16", "fp16": name == "fp16"}  # Trainer's flags alike
 
 
 def test_output_heads_stay_fp32_under_bf16_autocast_while_the_body_runs_in_bf16(tiny_reward_dir):
