@@ -60,13 +60,14 @@ from transformers import get_linear_schedule_with_warmup
 
 from common import (
     adamw,
-    gather_logprobs,
+    freeze,
     join_conversation,
     load_causal_lm,
+    load_optimizer_state,
     load_processed_data,
     load_tokenizer,
     make_accelerator,
-    response_logits,
+    response_logprobs,
     save_pretrained_atomic,
     set_seed,
     unwrap,
@@ -75,6 +76,7 @@ from lifecycle import (
     DPO_DIR,
     FINISHING,
     PolicyArgs,
+    UserError,
     atomic_write_json,
     check,
     check_resumable,
@@ -211,7 +213,9 @@ def build_sequence(prompt_ids, reply_ids, eos_token_id, max_seq_len):
 
 
 def collate_pairs(pairs, eos_token_id, max_seq_len, padding_side="left"):
-    """A batch of B pairs as 2B padded rows, chosen first then rejected: (2B, T) tensors and idx (B,).
+    """A batch of B pairs as 2B padded rows, chosen first then rejected: (2B, T) tensors, idx (B,) and
+    `context_length`, the first column holding a reply token (a Python int: on a GPU, reading it from `loss_mask`
+    would wait for the device at every micro-batch).
 
     The pad token is EOS: what is padding comes from `attention_mask`, what is scored from
     `loss_mask` (the reply and its EOS), never from comparing ids with the pad id.
@@ -225,11 +229,13 @@ def collate_pairs(pairs, eos_token_id, max_seq_len, padding_side="left"):
         fill = [value] * (width - len(seq))
         return fill + seq if padding_side == "left" else seq + fill
 
+    loss_mask = torch.tensor([pad(mask, 0) for _, mask in rows])  # (2B, T)
     return {
         "input_ids": torch.tensor([pad(ids, eos_token_id) for ids, _ in rows]),  # (2B, T)
         "attention_mask": torch.tensor([pad([1] * len(ids), 0) for ids, _ in rows]),  # (2B, T)
-        "loss_mask": torch.tensor([pad(mask, 0) for _, mask in rows]),  # (2B, T)
+        "loss_mask": loss_mask,
         "idx": torch.tensor([p["idx"] for p in pairs]),  # (B,)
+        "context_length": int(loss_mask.any(0).long().argmax()),
     }
 
 
@@ -277,31 +283,32 @@ def disable_dropout(model):
             module.p = 0.0
 
 
-def sequence_logps(model, input_ids, attention_mask, loss_mask):
+def sequence_logps(model, input_ids, attention_mask, loss_mask, context_length=None):
     """log p(tokens where loss_mask is 1 | the tokens before them), summed per row: (N, T) -> (N,).
 
     Only the columns from the first scored token on go through the log-softmax; position
     ids come from the attention mask (`common.forward`), so any padding side gives the same sums.
     """
-    context_length = int(loss_mask.any(0).long().argmax())  # first column holding a reply token (>= 1)
-    logits, _ = response_logits(model, input_ids, attention_mask, context_length)  # (N, T - c, V)
-    logprobs = gather_logprobs(logits, input_ids[:, context_length:])  # (N, T - c)
+    if context_length is None:  # the first column holding a reply token (>= 1)
+        context_length = int(loss_mask.any(0).long().argmax())
+    logprobs, _, _ = response_logprobs(model, input_ids, attention_mask, context_length)  # (N, T - c)
     return (logprobs * loss_mask[:, context_length:]).sum(-1)  # (N,)
 
 
 def batch_logps(model, batch):
     """Summed reply log-probs of the chosen and the rejected rows, in one forward pass: (B,), (B,)."""
-    logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])  # (2B,)
+    logps = sequence_logps(
+        model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch.get("context_length")
+    )  # (2B,)
     return logps.chunk(2)
 
 
 @torch.no_grad()
-def reference_logps(ref_model, ref_table, batch, accelerator):
+def reference_logps(ref_model, ref_table, batch):
     """The frozen reference's (chosen, rejected) log-probs: looked up when precomputed, else one forward pass."""
     if ref_table is not None:
         return ref_table[batch["idx"]].unbind(-1)  # (B,), (B,)
-    with accelerator.autocast():
-        return batch_logps(ref_model, batch)
+    return batch_logps(ref_model, batch)
 
 
 @torch.no_grad()
@@ -309,11 +316,11 @@ def precompute_ref_logps(ref_model, loader, n, accelerator):
     """Reference log-probs of every pair, computed once: ((n, 2) as [chosen, rejected], tokens through the forwards)."""
     table, tokens = torch.zeros(n, 2, device=accelerator.device), 0
     for batch in tqdm(loader, desc="reference log-probs", disable=not accelerator.is_main_process):
-        chosen, rejected = reference_logps(ref_model, None, batch, accelerator)
+        chosen, rejected = reference_logps(ref_model, None, batch)
         idx, chosen, rejected = accelerator.gather_for_metrics((batch["idx"], chosen, rejected))
         table[idx] = torch.stack([chosen, rejected], -1).float()
-        tokens += batch["attention_mask"].sum().item()
-    return table, tokens
+        tokens += batch["attention_mask"].sum()
+    return table, int(tokens)
 
 
 def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, label_smoothing, loss_type):
@@ -354,7 +361,8 @@ def pair_stats(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_
 def mean_stats(stats, accelerator, prefix):
     """Average per-pair stats over every process: {prefix/key: float}."""
     stats = accelerator.gather({k: torch.cat([s[k] for s in stats]).float() for k in stats[0]})
-    return {f"{prefix}/{k}": v.mean().item() for k, v in stats.items()}
+    means = torch.stack([v.mean() for v in stats.values()]).tolist()  # one GPU-to-CPU transfer
+    return {f"{prefix}/{k}": v for k, v in zip(stats, means)}
 
 
 @torch.no_grad()
@@ -365,7 +373,7 @@ def evaluate(policy, ref_model, ref_table, loader, args, accelerator):
     bars = accelerator.is_main_process and sys.stderr.isatty()
     for batch in tqdm(loader, desc="eval", leave=False, disable=not bars):
         chosen_logps, rejected_logps = batch_logps(policy, batch)
-        ref_chosen_logps, ref_rejected_logps = reference_logps(ref_model, ref_table, batch, accelerator)
+        ref_chosen_logps, ref_rejected_logps = reference_logps(ref_model, ref_table, batch)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             chosen_logps,
             rejected_logps,
@@ -381,8 +389,9 @@ def evaluate(policy, ref_model, ref_table, loader, args, accelerator):
                 pair_stats(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, ref_chosen_logps)
             )
         )
-        tokens += batch["attention_mask"].sum().item() * (1 if ref_table is not None else 2)
-    return {f"eval/{k}": torch.cat([s[k] for s in stats]).float().mean().item() for k in stats[0]}, tokens
+        tokens += batch["attention_mask"].sum() * (1 if ref_table is not None else 2)
+    means = torch.stack([torch.cat([s[k] for s in stats]).float().mean() for k in stats[0]]).tolist()
+    return {f"eval/{k}": v for k, v in zip(stats[0], means)}, int(tokens)
 
 
 # ---------------------------------------------------------------------------
@@ -390,24 +399,23 @@ def evaluate(policy, ref_model, ref_table, loader, args, accelerator):
 # ---------------------------------------------------------------------------
 
 
-def dpo_step(policy, ref_model, ref_table, batch, optimizer, scheduler, args, accelerator, stop_hint):
+def dpo_step(policy, ref_model, ref_table, batch, optimizer, scheduler, args, accelerator):
     """One micro-batch of DPO: log-probs, loss, backward; the optimizer steps at the end of an accumulation.
 
     Returns the batch's per-pair statistics and the gradient norm before clipping (None on a micro-batch
-    that does not step). A non-finite loss on any process stops them all with `stop_hint` in the message.
+    that does not step). Nothing here waits for the GPU: the caller checks the losses once per optimizer step.
     """
     grad_norm = None
     with accelerator.accumulate(policy):
         # 1. summed reply log-probs: chosen and rejected in one forward pass per model
         chosen_logps, rejected_logps = batch_logps(policy, batch)  # (B,), (B,)
-        ref_chosen_logps, ref_rejected_logps = reference_logps(ref_model, ref_table, batch, accelerator)
+        ref_chosen_logps, ref_rejected_logps = reference_logps(ref_model, ref_table, batch)
         # 2. the DPO loss (eq. 7) and the implicit rewards
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, args.beta, args.label_smoothing,
             args.loss_type,
         )  # fmt: skip
         loss = losses.mean()
-        check(accelerator.gather(torch.isfinite(loss.detach())).all(), f"the loss is {loss.item()} {stop_hint}")
         # 3. backward; accelerate averages over the accumulated micro-batches and only steps at their end
         accelerator.backward(loss)
         if accelerator.sync_gradients:
@@ -469,7 +477,7 @@ def main(args):
 
     # models: the policy and its frozen reference both start from the base model
     policy = load_causal_lm(args.model, tokenizer)
-    ref_model = load_causal_lm(args.model, tokenizer).eval().requires_grad_(False)
+    ref_model = freeze(load_causal_lm(args.model, tokenizer).to(accelerator.device))
     disable_dropout(policy)
     disable_dropout(ref_model)
     check(
@@ -491,7 +499,7 @@ def main(args):
     if args.resume:
         state = load_checkpoint(checkpoint_path)
         policy.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, eval_metrics = state["step"], state.get("last_eval")
         check(step <= total_steps, f"--resume: the checkpoint is at step {step} of {total_steps}; raise --max_steps")
@@ -509,7 +517,6 @@ def main(args):
     policy, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         policy, optimizer, train_loader, val_loader, scheduler
     )
-    ref_model.to(accelerator.device)
     resume_step = step if args.resume else None
     start_tracking(accelerator, args, run_dir, RUN_NAME, resume_step)
     logger = MetricsLogger(run_dir / "metrics.jsonl", resume_step=resume_step, enabled=is_main, tracker=accelerator)
@@ -571,12 +578,17 @@ def main(args):
             kept = f"step {last_saved} in {checkpoint_path}" if last_saved is not None else "none was written"
             hint = f"at step {step + 1}: stopped; last good checkpoint: {kept} (lower --learning_rate, then --resume)"
             stats, grad_norm = dpo_step(
-                policy, ref_model, ref_tables["train"], batch, optimizer, scheduler, args, accelerator, hint
+                policy, ref_model, ref_tables["train"], batch, optimizer, scheduler, args, accelerator
             )  # fmt: skip
             window.append(stats)
-            tokens += batch["attention_mask"].sum().item() * (1 if ref_model is None else 2)
+            tokens += batch["attention_mask"].sum() * (1 if ref_model is None else 2)  # a tensor, read at the log
             if not accelerator.sync_gradients:
                 continue
+            # a NaN/inf on any process stops them all: one check per optimizer step (the GPU is waited for here
+            # only), before anything of this step is logged, evaluated or saved
+            losses = accelerator.gather(torch.cat([s["loss"] for s in window[-args.gradient_accumulation_steps :]]))
+            if not torch.isfinite(losses).all():
+                raise UserError(f"the loss is {losses.mean().item()} {hint}")
             step += 1
             bar.update()
             record = {}
@@ -584,7 +596,7 @@ def main(args):
                 record |= mean_stats(window, accelerator, "dpo")
                 record |= {"train/learning_rate": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm.item()}
                 record["train/epoch"] = step / steps_per_epoch
-                count_tokens(tokens)
+                count_tokens(int(tokens))
                 window, tokens = [], 0
                 bar.set_postfix(
                     loss=f"{record['dpo/loss']:.3f}", acc=f"{record['dpo/rewards/accuracies']:.2f}", refresh=False

@@ -54,17 +54,17 @@ from tqdm import tqdm
 from common import (
     AdaptiveKLController,
     adamw,
-    entropy_from_logits,
-    gather_logprobs,
+    freeze,
     generate_responses,
     get_reward,
     load_causal_lm,
+    load_optimizer_state,
     load_processed_data,
     load_reward_model,
     load_tokenizer,
     make_accelerator,
     masked_mean,
-    response_logits,
+    response_logprobs,
     save_pretrained_atomic,
     set_seed,
     unwrap,
@@ -74,7 +74,9 @@ from lifecycle import (
     GRPO_BEST_DIR,
     GRPO_FINAL_DIR,
     RUN_ID_FILE,
+    GenerationArgs,
     PolicyArgs,
+    UserError,
     atomic_write_json,
     check,
     check_resumable,
@@ -91,7 +93,7 @@ from reporting import MetricsLogger, card_writer, end_run, plot_metrics, read_me
 
 
 @dataclass
-class Args(PolicyArgs):
+class Args(PolicyArgs, GenerationArgs):
     # data
     max_prompt_length: int = field(default=192, metadata={"help": "prompt tokens kept, truncated from the left"})
     reward_max_length: int = field(
@@ -227,13 +229,19 @@ def sample_and_score(model, tokenizer, reward_model, reward_tokenizer, prompts, 
         for i in range(0, len(prompts), args.eval_batch_size):
             batch = prompts[i : i + args.eval_batch_size]
             samples = generate_responses(
-                model, tokenizer, batch, args.max_prompt_length, args.max_new_tokens, args.temperature, args.top_p
-            )
+                model, tokenizer, batch, args.max_prompt_length, args.max_new_tokens, args.temperature, args.top_p,
+                compile=args.compile_generation,
+            )  # fmt: skip
             scores.append(get_reward(reward_model, reward_tokenizer, batch, samples.responses, args.reward_max_length))
             replies += samples.responses
             lengths.append(samples.response_mask.sum(1).cpu())
-            tokens += samples.attention_mask.sum().item()
-    return {"scores": torch.cat(scores).cpu(), "replies": replies, "lengths": torch.cat(lengths), "tokens": tokens}
+            tokens += samples.attention_mask.sum()
+    return {
+        "scores": torch.cat(scores).cpu(),
+        "replies": replies,
+        "lengths": torch.cat(lengths),
+        "tokens": int(tokens),
+    }
 
 
 def summarize(scores, replies, lengths):
@@ -277,9 +285,10 @@ def grpo_step(policy, reference, reward_model, tokenizer, reward_tokenizer, opti
         args.temperature,
         args.top_p,
         num_return_sequences=args.group_size,
+        compile=args.compile_generation,
     )
     input_ids, attention_mask = samples.input_ids, samples.attention_mask  # (N, P + R), N = prompts x G
-    response_ids, mask = samples.response_ids, samples.response_mask  # (N, R)
+    mask = samples.response_mask  # (N, R)
     context_length = samples.query_ids.shape[1]
 
     # 2. score every (prompt, reply) with the reward model
@@ -292,27 +301,28 @@ def grpo_step(policy, reference, reward_model, tokenizer, reward_tokenizer, opti
         advantages = advantages / (accelerator.gather(advantages).std() + args.std_eps)
 
     # 4. log-probs of the replies under the frozen reference
-    with torch.no_grad(), accelerator.autocast():
-        ref_logits, _ = response_logits(reference, input_ids, attention_mask, context_length, args.temperature)
-        ref_logprobs = gather_logprobs(ref_logits, response_ids)  # (N, R)
-        del ref_logits
+    with torch.no_grad():
+        ref_logprobs, _, _ = response_logprobs(reference, input_ids, attention_mask, context_length, args.temperature)
 
     # 5. gradient steps on the rollout; the first one's log-probs are the sampling policy's (pi_old)
     update_stats = []
     for update in range(args.updates_per_rollout):
-        logits, _ = response_logits(policy, input_ids, attention_mask, context_length, args.temperature)
-        logprobs = gather_logprobs(logits, response_ids)  # (N, R)
+        logprobs, entropy, _ = response_logprobs(
+            policy, input_ids, attention_mask, context_length, args.temperature, entropy=True
+        )  # (N, R) each
         if update == 0:
             old_logprobs = logprobs.detach()
-        entropy = entropy_from_logits(logits)  # (N, R)
         loss, stats = grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, entropy, mask, args, kl_coef)
-        losses = accelerator.gather(loss.detach().reshape(1))
-        check(torch.isfinite(losses).all(), f"the loss is {losses.tolist()} {stop_hint}")
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         update_stats.append(stats)
+    # a NaN/inf on any process stops them all, checked once per step, not per update (each check is a GPU-to-CPU
+    # sync): the weights a bad update spoiled are never checkpointed, as the run stops before its save
+    losses = accelerator.gather(torch.stack([s["grpo/loss"] for s in update_stats]))
+    if not torch.isfinite(losses).all():
+        raise UserError(f"the loss is {losses.tolist()} {stop_hint}")
     return samples, all_scores, update_stats
 
 
@@ -357,10 +367,9 @@ def main(args):
     # models: the policy (trained), its frozen reference and the frozen reward model
     tokenizer = load_tokenizer(args.model)
     policy = load_causal_lm(args.model, tokenizer)
-    reference = copy.deepcopy(policy).to(device).requires_grad_(False)
+    reference = freeze(copy.deepcopy(policy).to(device))
     reward_model, reward_tokenizer = load_reward_model(args.work_dir, device, args)
     policy.eval()  # dropout off: the loss's log-probs are those of the policy that sampled
-    reference.eval()
     optimizer = adamw(policy.parameters(), args.learning_rate, args.weight_decay, accelerator.device)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)
@@ -370,7 +379,7 @@ def main(args):
     if args.resume:
         state = load_checkpoint(ckpt_path)
         unwrap(policy).load_state_dict(state["policy"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         start_step, best, kl_ctl.value = state["step"], state["best"], state["kl_coef"]
         run_id = state.get("run_id", run_id)
         check(start_step <= args.total_steps, f"--resume: the checkpoint is at step {start_step} > --total_steps")
@@ -421,38 +430,38 @@ def main(args):
         )  # fmt: skip
         attention_mask, response_ids, mask = samples.attention_mask, samples.response_ids, samples.response_mask
 
-        # 6. adaptive KL on the per-reply KL (k3 summed over its tokens), measured before the update
-        kl_per_reply = accelerator.gather(update_stats[0]["objective/kl"].reshape(1)).mean().item()
-        if args.adapt_kl:
-            kl_ctl.update(kl_per_reply, len(all_scores))
+        # 6. metrics: per-process means gathered in one transfer, read once (each .item() would stall a GPU)
+        local = {k: torch.stack([s[k] for s in update_stats]).mean() for k in update_stats[0]}
+        local |= {
+            "objective/kl": update_stats[0]["objective/kl"],  # per reply (k3 summed over its tokens), before updating
+            "response/length": mask.sum(1).float().mean(),
+            "response/eos_share": (response_ids == tokenizer.eos_token_id).any(1).float().mean(),
+            "tokens": attention_mask.sum().float() * world,  # the mean over processes times their number: the sum
+        }
+        grouped = all_scores.view(-1, args.group_size)  # (prompts x world, G), already gathered
+        overall = {
+            "objective/scores": all_scores.mean(),
+            "grpo/reward_std": all_scores.std(),
+            "grpo/within_group_std": grouped.std(1).mean(),
+            "grpo/zero_spread_share": (grouped.amax(1) == grouped.amin(1)).float().mean(),
+        }
+        gathered = accelerator.gather(torch.stack(list(local.values())).unsqueeze(0)).mean(0)  # (K,)
+        values = torch.cat([gathered, torch.stack(list(overall.values())).float()]).tolist()
+        metrics = dict(zip([*local, *overall], values))
+        logger.add_tokens(metrics.pop("tokens") * (3 + args.updates_per_rollout))  # generation, reference, reward,
+        replies = gather_object(samples.responses)  # updates
+        metrics |= {"objective/kl_coef": kl_coef, "response/distinct_share": len(set(replies)) / len(replies)}
 
-        # 7. metrics, gathered over every process
-        num_tokens = accelerator.gather(attention_mask.sum().reshape(1)).sum()
-        logger.add_tokens(num_tokens * (3 + args.updates_per_rollout))  # generation, reference, reward, updates
-        grouped = all_scores.view(-1, args.group_size)  # (prompts x world, G)
-        replies = gather_object(samples.responses)
-        metrics = {
-            k: accelerator.gather(torch.stack([s[k] for s in update_stats]).mean().reshape(1)).mean().item()
-            for k in update_stats[0]
-        }
-        metrics |= {
-            "objective/scores": all_scores.mean().item(),
-            "objective/kl": kl_per_reply,
-            "grpo/reward_std": all_scores.std().item(),
-            "grpo/within_group_std": grouped.std(1).mean().item(),
-            "grpo/zero_spread_share": (grouped.amax(1) == grouped.amin(1)).float().mean().item(),
-            "objective/kl_coef": kl_coef,
-            "response/length": accelerator.gather(mask.sum(1).float()).mean().item(),
-            "response/eos_share": accelerator.gather((response_ids == tokenizer.eos_token_id).any(1).float())
-            .mean()
-            .item(),
-            "response/distinct_share": len(set(replies)) / len(replies),
-        }
+        # 7. adaptive KL on the per-reply KL, measured before the update
+        if args.adapt_kl:
+            kl_ctl.update(metrics["objective/kl"], len(all_scores))
         if step % args.eval_every == 0 or step == args.total_steps:
             metrics |= evaluate(step)
             best = update_best(best, step, metrics["eval/reward"], policy)
         logger.log(step, metrics)
-        progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{kl_per_reply:.3f}", refresh=False)
+        progress.set_postfix(
+            score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}", refresh=False
+        )
         progress.update()  # redraws at most every TQDM_MININTERVAL s, the postfix with it
 
         if is_main and snapshot_due(step, args.total_steps, args.snapshot_every):

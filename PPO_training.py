@@ -68,18 +68,18 @@ from common import (
     AdaptiveKLController,
     FP32Linear,
     adamw,
-    entropy_from_logits,
-    gather_logprobs,
+    freeze,
     generate_responses,
     get_reward,
     load_causal_lm,
+    load_optimizer_state,
     load_processed_data,
     load_reward_model,
     load_tokenizer,
     make_accelerator,
     masked_mean,
     masked_whiten,
-    response_logits,
+    response_logprobs,
     save_pretrained_atomic,
     set_seed,
     test_prompt_sample,
@@ -88,6 +88,7 @@ from common import (
 from lifecycle import (
     FINISHING,
     PPO_DIR,
+    GenerationArgs,
     PolicyArgs,
     UserError,
     atomic_write_json,
@@ -105,7 +106,7 @@ from reporting import MetricsLogger, card_writer, end_run, plot_metrics, start_t
 
 
 @dataclass
-class Args(PolicyArgs):
+class Args(PolicyArgs, GenerationArgs):
     # data
     max_prompt_length: int = field(default=256, metadata={"help": "prompt tokens kept, truncated from the left"})
     max_new_tokens: int = field(default=64, metadata={"help": "longest sampled reply, in tokens"})
@@ -186,6 +187,7 @@ PLOT_KEYS = [
 class PolicyOutput(ModelOutput):
     logits: torch.Tensor = None  # (B, T, V)
     values: torch.Tensor = None  # (B, T)
+    hidden_states: tuple = None  # each (B, T, H); the last is what lm_head reads
 
 
 class PolicyWithValueHead(nn.Module):
@@ -198,18 +200,16 @@ class PolicyWithValueHead(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep=0):
-        output = self.policy(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            output_hidden_states=True,
-            logits_to_keep=logits_to_keep,  # logits for the reply positions only; values for every position
-        )
+    def forward(self, input_ids, attention_mask, position_ids, **kwargs):
+        kwargs["output_hidden_states"] = True
+        output = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         # In transformers 5, GPT-2's hidden_states[-1] is the state after the final layer norm:
         # the very vector lm_head reads (tests/test_ppo.py checks it).
         values = self.value_head(output.hidden_states[-1]).squeeze(-1)  # (B, T)
-        return PolicyOutput(logits=output.logits, values=values)
+        return PolicyOutput(logits=output.logits, values=values, hidden_states=output.hidden_states)
+
+    def get_output_embeddings(self):  # the LM head, for `common.response_logprobs`
+        return self.policy.get_output_embeddings()
 
 
 def load_value_head(folder):
@@ -221,9 +221,12 @@ def load_value_head(folder):
 
 
 def policy_forward(model, input_ids, attention_mask, context_length, temperature):
-    """Logits (over temperature) and values at the positions that predict each reply token: (B, R, V), (B, R)."""
-    logits, output = response_logits(model, input_ids, attention_mask, context_length, temperature)
-    return logits, output.values[:, context_length - 1 : -1].float()
+    """Log-probs (at the temperature) of each reply token, the entropies and values of the positions that predict
+    them: (B, R) each."""
+    logprobs, entropy, output = response_logprobs(
+        model, input_ids, attention_mask, context_length, temperature, entropy=True
+    )
+    return logprobs, entropy, output.values[:, context_length - 1 : -1].float()
 
 
 def per_token_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef):
@@ -290,16 +293,15 @@ def evaluate(policy, ref_model, tokenizer, reward_model, rm_tokenizer, prompts, 
     for i in range(0, len(prompts), args.eval_batch_size):
         samples = generate_responses(
             policy, tokenizer, prompts[i : i + args.eval_batch_size], args.max_prompt_length, args.max_new_tokens,
-            args.temperature, args.eval_top_p,
+            args.temperature, args.eval_top_p, compile=args.compile_generation,
         )  # fmt: skip
         context_length = samples.query_ids.shape[1]
-        logits, _ = response_logits(policy, samples.input_ids, samples.attention_mask, context_length, args.temperature)
-        ref_logits = logits  # base scored against itself: KL 0, without a second forward pass
+        inputs = (samples.input_ids, samples.attention_mask, context_length, args.temperature)
+        logprobs, _, _ = response_logprobs(policy, *inputs)
+        ref_logprobs = logprobs  # base scored against itself: KL 0, without a second forward pass
         if ref_model is not policy:
-            ref_logits, _ = response_logits(
-                ref_model, samples.input_ids, samples.attention_mask, context_length, args.temperature
-            )
-        kl = gather_logprobs(logits, samples.response_ids) - gather_logprobs(ref_logits, samples.response_ids)
+            ref_logprobs, _, _ = response_logprobs(ref_model, *inputs)
+        kl = logprobs - ref_logprobs
         kls.append((kl * samples.response_mask).sum(1))  # (b,)
         lengths.append(samples.response_mask.sum(1).float())
         scores.append(
@@ -338,30 +340,25 @@ def ppo_step(model, ref_model, reward_model, tokenizer, rm_tokenizer, optimizer,
     mini_batch_size = args.rollout_batch_size // args.num_minibatches
 
     # 1. generate: one reply per prompt, masked after its first EOS
-    with torch.no_grad(), accelerator.autocast():
-        samples = generate_responses(
-            unwrap(model).policy, tokenizer, prompts, args.max_prompt_length, args.max_new_tokens,
-            args.temperature, args.top_p,
-        )  # fmt: skip
+    samples = generate_responses(
+        unwrap(model).policy, tokenizer, prompts, args.max_prompt_length, args.max_new_tokens,
+        args.temperature, args.top_p, compile=args.compile_generation,
+    )  # fmt: skip
     input_ids, attention_mask = samples.input_ids, samples.attention_mask  # (B, P + R)
     response_ids, response_mask = samples.response_ids, samples.response_mask  # (B, R)
     context_length = samples.query_ids.shape[1]
-    n_tokens = attention_mask.sum().item()  # real tokens, as every script counts them
+    # real tokens through forward passes, as every script counts them: generation, reward model (same tokenizer
+    # family, so about the full text's tokens), policy and reference, then each PPO epoch's pass over the rollout
+    n_tokens = attention_mask.sum() * (4 + args.ppo_epochs)  # a tensor: read once, with the metrics
 
     # 2. score: the reward model reads join_conversation(prompt, reply) at its last real token
     scores = get_reward(reward_model, rm_tokenizer, samples.prompts, samples.responses, args.reward_max_length)
-    n_tokens += attention_mask.sum().item()  # same tokenizer family, so about the tokens of the full text
 
     # log-probs and values of the rollout policy, log-probs of the reference, at the sampling temperature
     with torch.no_grad():
-        logits, values = policy_forward(model, input_ids, attention_mask, context_length, args.temperature)
-        logprobs = gather_logprobs(logits, response_ids)  # (B, R)
-        entropy = masked_mean(entropy_from_logits(logits), response_mask)
-        with accelerator.autocast():
-            ref_logits, _ = response_logits(ref_model, input_ids, attention_mask, context_length, args.temperature)
-        ref_logprobs = gather_logprobs(ref_logits, response_ids)  # (B, R)
-        del logits, ref_logits
-    n_tokens += 2 * attention_mask.sum().item()
+        logprobs, entropy, values = policy_forward(model, input_ids, attention_mask, context_length, args.temperature)
+        entropy = masked_mean(entropy, response_mask)
+        ref_logprobs, _, _ = response_logprobs(ref_model, input_ids, attention_mask, context_length, args.temperature)
 
     # 3. per-token KL penalty and the score at the last token (Ziegler et al. 2019, eq. 2)
     rewards, kl, non_score_reward = per_token_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef)
@@ -378,30 +375,31 @@ def ppo_step(model, ref_model, reward_model, tokenizer, rm_tokenizer, optimizer,
     for _ in range(args.ppo_epochs):
         for mb in torch.randperm(args.rollout_batch_size, device=device).split(mini_batch_size):
             mb_mask = response_mask[mb]  # (b, R)
-            mb_logits, mb_values = policy_forward(
+            mb_logprobs, mb_entropy, mb_values = policy_forward(
                 model, input_ids[mb], attention_mask[mb], context_length, args.temperature
-            )  # (b, R, V), (b, R)
-            mb_logprobs = gather_logprobs(mb_logits, response_ids[mb])  # (b, R)
+            )  # (b, R) each
             pg_loss, clipfrac, approx_kl = policy_loss(
                 mb_logprobs, logprobs[mb], advantages[mb], mb_mask, args.clip_range
             )
             vf_loss, vf_clipfrac = value_loss(mb_values, values[mb], returns[mb], mb_mask, args.clip_range_value)
-            mb_entropy = masked_mean(entropy_from_logits(mb_logits), mb_mask)
+            mb_entropy = masked_mean(mb_entropy, mb_mask)
             entropy_loss = args.entropy_coef * (mb_entropy - args.target_entropy) ** 2  # the seed's term
             loss = pg_loss + args.value_coef * vf_loss + entropy_loss
-            # a NaN/inf on any process stops them all (a reduce, so none is left waiting in backward)
-            if not torch.isfinite(accelerator.reduce(loss.detach(), "sum")):
-                raise UserError(
-                    f"non-finite loss (pg {pg_loss.item():.4g}, vf {vf_loss.item():.4g}, "
-                    f"entropy {entropy_loss.item():.4g}) {stop_hint}"
-                )
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            n_tokens += attention_mask[mb].sum().item()
             for k, v in zip(stats, (pg_loss, vf_loss, clipfrac, vf_clipfrac, approx_kl, entropy_loss)):
                 stats[k].append(v.detach())
+    # a NaN/inf on any process stops them all, checked once per step (a GPU-to-CPU sync per minibatch would stall
+    # the GPU): the weights a bad minibatch spoiled are never checkpointed, as the run stops before its save
+    parts = torch.stack([torch.stack(stats[k]) for k in ("pg_loss", "vf_loss", "entropy_loss")])  # (3, minibatches)
+    if not torch.isfinite(accelerator.reduce(parts.sum(), "sum")):
+        bad = (~torch.isfinite(parts)).any(0)  # (minibatches,)
+        if not bad.any():
+            raise UserError(f"non-finite loss on another process {stop_hint}")
+        pg, vf, ent = parts[:, bad.long().argmax()].tolist()  # the first bad minibatch
+        raise UserError(f"non-finite loss (pg {pg:.4g}, vf {vf:.4g}, entropy {ent:.4g}) {stop_hint}")
 
     # this process's metrics; main gathers them
     local = {
@@ -466,7 +464,7 @@ def main(args):
         f"--max_prompt_length + --max_new_tokens ({args.max_prompt_length + args.max_new_tokens}) exceed the "
         f"model's {n_positions} positions",
     )
-    ref_model = load_causal_lm(args.model, tokenizer).to(device).eval().requires_grad_(False)
+    ref_model = freeze(load_causal_lm(args.model, tokenizer).to(device))
     reward_model, rm_tokenizer = load_reward_model(args.work_dir, device, args)
     model.eval()  # dropout off for good: rollout and update must see the same policy
     optimizer = adamw(model.parameters(), args.learning_rate, args.weight_decay, accelerator.device)
@@ -476,7 +474,7 @@ def main(args):
     if args.resume:
         state = load_checkpoint(checkpoint_path)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         start_step, kl_ctl.value = state["step"], state["kl_coef"]
         check(
             start_step <= args.total_steps,
@@ -514,8 +512,7 @@ def main(args):
         all_responses = gather_object(samples.responses)
         metrics["response/distinct_share"] = len(set(all_responses)) / len(all_responses)
         metrics["objective/kl_coef"] = kl_ctl.value
-        tokens = accelerator.reduce(torch.tensor(float(n_tokens), device=device), "sum")
-        logger.add_tokens(tokens.item())
+        logger.add_tokens(accelerator.reduce(n_tokens.float(), "sum").item())
         logger.log(step + 1, metrics)
         if args.adapt_kl:
             kl_ctl.update(metrics["objective/kl"], global_batch)

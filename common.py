@@ -68,11 +68,12 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 
 
-def precision():
+def precision(device=None):
     """This machine's compute precision and why, as (name, reason): bf16 autocast on a GPU with native bf16 (Ampere
     and newer); fp16 autocast with a gradient scaler on an older GPU (T4, V100, RTX 20xx), whose bf16 is emulated
-    without tensor cores and refused by the fused attention kernels; fp32 on a CPU."""
-    if not torch.cuda.is_available():
+    without tensor cores and refused by the fused attention kernels; fp32 on a CPU. With `device`, that device's:
+    a model kept on the CPU of a GPU machine computes in fp32."""
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
         return "fp32", "a CPU: fp32"
     gpu = (
         f"{torch.cuda.get_device_name()} (compute capability {'.'.join(map(str, torch.cuda.get_device_capability()))})"
@@ -88,9 +89,44 @@ def trainer_precision():
     return {"bf16": name == "bf16", "fp16": name == "fp16"}
 
 
+def autocast(device):
+    """Every forward pass's precision (the one policy of docs/code_layout.md): `precision()`'s autocast, entered by
+    `forward` and around whole `generate` calls, so the trainers, their rollouts and the evaluation compute one
+    sample's log-probs, KL and scores identically. fp32 (no autocast) on a CPU."""
+    dtype = AUTOCAST_DTYPES[precision(device)[0]]
+    return torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def freeze(model):
+    """A frozen model (the reference, the reward models, evaluated policies): eval mode, no gradients, and under
+    a 16-bit `precision()` its matrix-product weights stored in that dtype once instead of cast by autocast at
+    every forward (gpt2: 170 MB less per model). Only the weights autocast would cast anyway are cast (`nn.Linear`,
+    GPT-2's `Conv1D`); embeddings, norms and `FP32Linear` heads stay fp32, so the outputs are bit for bit the
+    fp32 model's under autocast. Call it on the model where it computes (after `.to(device)`). Returns it."""
+    from transformers.pytorch_utils import Conv1D
+
+    model.eval().requires_grad_(False)
+    dtype = AUTOCAST_DTYPES[precision(next(model.parameters()).device)[0]]
+    if dtype is not None:
+        for module in model.modules():
+            if type(module) in (torch.nn.Linear, Conv1D):
+                module.to(dtype)
+    return model
+
+
 def adamw(parameters, learning_rate, weight_decay, device):
     """The hand-written loops' AdamW, fused on a GPU: one kernel for every parameter, not one per tensor."""
     return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay, fused=device.type == "cuda")
+
+
+def load_optimizer_state(optimizer, state):
+    """`optimizer.load_state_dict(state)`, keeping this machine's fused choice: a checkpoint written on a CPU says
+    fused=False (a GPU run resumed from it would step unfused), one written on a GPU says fused=True. Set before
+    loading, so the step counters land where the fused kernel wants them."""
+    groups = [
+        {**saved, "fused": group.get("fused")} for saved, group in zip(state["param_groups"], optimizer.param_groups)
+    ]
+    optimizer.load_state_dict({**state, "param_groups": groups})
 
 
 def make_accelerator(args=None, run_dir=None):
@@ -360,10 +396,9 @@ def load_reward_model(work_dir, device, args=None, gold=False):
     weights = folder / "model.safetensors"
     if why := damage(weights):
         raise UserError(f"{weights} is {why}: retrain it with `{train}`")
-    model = AutoModelForSequenceClassification.from_pretrained(folder, **fused_activation(folder)).to(device).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(folder, **fused_activation(folder)).to(device)
     fp32_head(model.score)  # rewards in fp32
-    model.requires_grad_(False)
-    return model, load_tokenizer(folder)
+    return freeze(model), load_tokenizer(folder)
 
 
 def save_pretrained_atomic(folder, model, tokenizer, extra=None):
@@ -395,13 +430,14 @@ def position_ids_from_mask(attention_mask):
 
 
 def forward(model, input_ids, attention_mask, **kwargs):
-    """A forward pass with position ids taken from the attention mask (any padding side)."""
-    return model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        **kwargs,
-    )
+    """A forward pass with position ids taken from the attention mask (any padding side), in `autocast`."""
+    with autocast(input_ids.device):
+        return model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            **kwargs,
+        )
 
 
 def gather_logprobs(logits, labels):
@@ -416,19 +452,52 @@ def entropy_from_logits(logits):
     return -(logp.exp() * logp).sum(-1)
 
 
-def response_logits(model, input_ids, attention_mask, context_length, temperature=1.0, **kwargs):
-    """Logits that predict each token after the first `context_length`: (B, T - context_length, V).
+# Floats of logits the LM head writes at once in `response_logprobs` (128 MB in fp32): gpt2's 50,257-word head
+# runs on 667 reply tokens per chunk; a small vocabulary in one chunk.
+LOGITS_CHUNK = 2**25
 
-    Position t of the result is the distribution the model used for token
-    `context_length + t`, divided by the sampling temperature. Returns (logits, output).
+
+def _head_logprobs(hidden, weight, bias, labels, temperature, with_entropy):
+    """One chunk of `response_logprobs`: the LM head in fp32, then log p(label) and (with_entropy) the entropy."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = torch.nn.functional.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+        if temperature != 1.0:  # at 1 no division: it would copy the chunk for nothing
+            logits = logits / temperature
+        logprobs = gather_logprobs(logits, labels)
+        return logprobs, entropy_from_logits(logits) if with_entropy else logprobs.new_zeros(())
+
+
+def response_logprobs(model, input_ids, attention_mask, context_length, temperature=1.0, entropy=False):
+    """log p of each token after the first `context_length` under the model at `temperature`: (B, T - c), and with
+    `entropy=True` the entropy of each of those positions' distributions (B, T - c), else None; and the output.
+
+    The LM head runs here, on the final hidden state, in fp32 and a chunk of reply tokens at a time: the full
+    (B, T - c, V) logits never exist at once (gpt2: 200 KB a token in fp32, 0.8 GiB per DPO pair of 511-token
+    replies, three times that in backward). Under autograd each chunk is recomputed in backward (activation
+    checkpointing: one more head product, about 10% of a gpt2 step) instead of stored. Works for any Hugging Face
+    causal LM whose `hidden_states[-1]` is the normed state its head reads (GPT-2, Llama, Qwen2: tested).
     """
-    # logits_to_keep: the LM head runs only on the positions we read, not on the whole
-    # prompt (for gpt2 that is 50257 floats saved per prompt token).
-    keep = input_ids.shape[1] - context_length + 1
-    output = forward(model, input_ids, attention_mask, logits_to_keep=keep, **kwargs)
-    logits = output.logits[:, :-1]
-    # at temperature 1 no division: it would copy the whole (B, R, V) tensor (gpt2: 200 KB a token) for nothing
-    return (logits if temperature == 1.0 else logits / temperature), output
+    from torch.utils.checkpoint import checkpoint
+
+    head = unwrap(model).get_output_embeddings()
+    # logits_to_keep=1: the model's own head runs on one position only; the hidden states are what we read
+    output = forward(model, input_ids, attention_mask, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    hidden = output.hidden_states[-1][:, context_length - 1 : -1]  # (B, R, H): predicts tokens c .. T - 1
+    labels = input_ids[:, context_length:]  # (B, R)
+    shape = labels.shape
+    hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    chunk = max(1, LOGITS_CHUNK // head.weight.shape[0])
+    logprobs, entropies = [], []
+    for start in range(0, labels.shape[0], chunk):
+        part = (hidden[start : start + chunk], head.weight, head.bias, labels[start : start + chunk])
+        if torch.is_grad_enabled():
+            lp, ent = checkpoint(_head_logprobs, *part, temperature, entropy, use_reentrant=False)
+        else:
+            lp, ent = _head_logprobs(*part, temperature, entropy)
+        logprobs.append(lp)
+        entropies.append(ent)
+    logprobs = torch.cat(logprobs).view(shape)
+    return logprobs, torch.cat(entropies).view(shape) if entropy else None, output
 
 
 def last_token_index(attention_mask):
@@ -493,6 +562,24 @@ class Samples:
         return torch.cat([self.query_mask, self.response_mask], dim=1)
 
 
+# --compile_generation: prompts are left padded to a multiple of COMPILE_PAD tokens (one compiled graph per width
+# and batch size, not one per prompt length), and the decode step is compiled with this backend and mode (inductor
+# with CUDA graphs on a GPU; tests use a light backend).
+COMPILE_PAD = 64
+COMPILE_BACKEND, COMPILE_MODE = "inductor", "reduce-overhead"
+
+
+def _pad_left(enc, width, pad_token_id):
+    """Left pad a tokenizer batch to `width` columns: ids with the pad id, the mask with 0."""
+    extra = width - enc["input_ids"].shape[1]
+    if extra <= 0:
+        return enc
+    return {
+        "input_ids": torch.nn.functional.pad(enc["input_ids"], (extra, 0), value=pad_token_id),
+        "attention_mask": torch.nn.functional.pad(enc["attention_mask"], (extra, 0), value=0),
+    }
+
+
 @torch.no_grad()
 def generate_responses(
     model,
@@ -504,34 +591,54 @@ def generate_responses(
     top_p=1.0,
     num_return_sequences=1,
     do_sample=True,
+    compile=False,
 ):
-    """Sample replies to `prompts` in one batched, KV-cached `generate` call.
+    """Sample replies to `prompts` in one batched, KV-cached `generate` call, in one `autocast`.
 
     Prompts are left padded and truncated from the left (they keep their final
     "Assistant:"); `top_k=0` so Hugging Face's default top-k of 50 does not silently
     truncate the distribution the log-probs are computed under. Each prompt is encoded
     once and expanded to `num_return_sequences` samples inside `generate`; the KV cache is
-    a static one, allocated once for prompt and reply.
+    a static one, allocated once for prompt and reply. `compile=True` (--compile_generation) pads the prompts to a
+    multiple of COMPILE_PAD tokens and compiles the decode step (on a GPU with CUDA graphs: a decode step of gpt2
+    is about 580 small kernels, launch-bound in eager mode); its samples are the eager path's (tests/test_common.py).
     """
+    from transformers import CompileConfig
+
     device = next(unwrap(model).parameters()).device
     prompts = list(prompts)  # a datasets 5 column is a lazy object the tokenizer refuses
     enc = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_length)
+    longest = enc["input_ids"].shape[1]
+    if compile:
+        width = min(-(-longest // COMPILE_PAD) * COMPILE_PAD, max(max_prompt_length, 1))
+        enc = _pad_left(enc, width, tokenizer.pad_token_id)
     enc = {k: v.to(device) for k, v in enc.items()}
     sampling = (
         dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
     )
-    sequences = unwrap(model).generate(
-        **enc,
-        max_new_tokens=max_new_tokens,
-        num_return_sequences=num_return_sequences,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        cache_implementation="static",  # one buffer for the whole reply instead of a copy per token: the same
-        disable_compile=True,  # samples, 22% faster on the tiny model (150 prompts x 64 tokens: 3.0 s -> 2.35 s);
-        **sampling,  # no torch.compile, which a static cache turns on by default on a GPU (a recompile per length)
-    )
+    if compile:
+        config = CompileConfig(backend=COMPILE_BACKEND, mode=COMPILE_MODE if device.type == "cuda" else "default")
+        config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+        sampling |= dict(compile_config=config, disable_compile=False)
+    else:  # no torch.compile, which a static cache turns on by default on a GPU (a recompile per length)
+        sampling |= dict(disable_compile=True)
+    with autocast(device):  # one autocast for the whole call: the policy's weight casts are cached across tokens
+        sequences = unwrap(model).generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=num_return_sequences,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            # one buffer for the whole reply instead of a copy per token: the same samples, 22% faster on the tiny
+            # model (150 prompts x 64 tokens: 3.0 s -> 2.35 s)
+            cache_implementation="static",
+            **sampling,
+        )
     context_length = enc["input_ids"].shape[1]
     response_ids = sequences[:, context_length:]  # (B, R)
+    # the columns --compile_generation added hold padding only: the samples leave without them, so the log-probs,
+    # scores and updates that follow compute no more than the eager path's (positions come from the mask)
+    enc = {k: v[:, context_length - longest :] for k, v in enc.items()}
     response_mask = response_mask_from_eos(response_ids, tokenizer.eos_token_id)
     # After its first EOS a finished row holds only pad (= EOS) tokens, which decoding skips.
     texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
@@ -571,16 +678,12 @@ def get_reward(reward_model, tokenizer, prompts, responses, max_length, batch_si
     """Score `join_conversation(prompt, response)` texts exactly as the reward model was trained: (N,)."""
     device = next(reward_model.parameters()).device
     texts = [join_conversation(p, r) for p, r in zip(list(prompts), list(responses))]
-    dtype = AUTOCAST_DTYPES[precision()[0]]
     scores = []
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(
             texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length
         )
-        with torch.autocast(
-            device.type, dtype=dtype or torch.float32, enabled=dtype is not None and device.type == "cuda"
-        ):
-            scores.append(reward_scores(reward_model, enc["input_ids"].to(device), enc["attention_mask"].to(device)))
+        scores.append(reward_scores(reward_model, enc["input_ids"].to(device), enc["attention_mask"].to(device)))
     return torch.cat(scores)
 
 

@@ -69,14 +69,14 @@ import torch
 from tqdm import tqdm
 
 from common import (
-    gather_logprobs,
+    freeze,
     generate_responses,
     get_reward,
     load_causal_lm,
     load_processed_data,
     load_reward_model,
     load_tokenizer,
-    response_logits,
+    response_logprobs,
     set_seed,
     test_prompt_sample,
 )
@@ -91,6 +91,7 @@ from lifecycle import (
     RUN_ID_FILE,
     TINY_DATA_DIR,
     CommonArgs,
+    GenerationArgs,
     check,
     command,
     damage,
@@ -103,7 +104,7 @@ from reporting import add_evaluation_to_card, command_line, read_metrics
 
 
 @dataclass
-class Args(CommonArgs):
+class Args(CommonArgs, GenerationArgs):
     # data
     num_prompts: int = field(default=150, metadata={"help": "test prompts sampled (seeded) from processed_data/"})
     max_prompt_length: int = field(default=256, metadata={"help": "prompt tokens kept, truncated from the left"})
@@ -172,11 +173,9 @@ def check_grpo_pair(work_dir, args):
 @torch.no_grad()
 def sequence_kl(policy, base, samples, temperature):
     """Per-sample KL estimate: sum over reply tokens of log pi(a_t) - log pi_base(a_t): (B,)."""
-    context_length = samples.query_ids.shape[1]
-    logits, _ = response_logits(policy, samples.input_ids, samples.attention_mask, context_length, temperature)
-    ref_logits, _ = response_logits(base, samples.input_ids, samples.attention_mask, context_length, temperature)
-    logprobs = gather_logprobs(logits, samples.response_ids)  # (B, R)
-    ref_logprobs = gather_logprobs(ref_logits, samples.response_ids)  # (B, R)
+    inputs = (samples.input_ids, samples.attention_mask, samples.query_ids.shape[1], temperature)
+    logprobs, _, _ = response_logprobs(policy, *inputs)  # (B, R)
+    ref_logprobs, _, _ = response_logprobs(base, *inputs)  # (B, R)
     return ((logprobs - ref_logprobs) * samples.response_mask).sum(-1)  # (B,)
 
 
@@ -222,8 +221,9 @@ def evaluate_model(name, model, base, tokenizer, prompts, scorers, args, progres
     for i in tqdm(range(0, len(prompts), args.batch_size), desc=f"evaluate {name}", disable=not progress):
         batch = prompts[i : i + args.batch_size]
         samples = generate_responses(
-            model, tokenizer, batch, args.max_prompt_length, args.max_new_tokens, args.temperature, args.top_p
-        )
+            model, tokenizer, batch, args.max_prompt_length, args.max_new_tokens, args.temperature, args.top_p,
+            compile=args.compile_generation,
+        )  # fmt: skip
         out["response"] += samples.responses
         for key, values in scorers.score(batch, samples.responses, args).items():
             out[key] += values
@@ -245,7 +245,7 @@ def best_of_n_draws(base, tokenizer, prompts, scorers, args, progress=True):
         batch = prompts[i : i + per_call]
         samples = generate_responses(
             base, tokenizer, batch, args.max_prompt_length, args.max_new_tokens, args.temperature, args.top_p,
-            num_return_sequences=extra,
+            num_return_sequences=extra, compile=args.compile_generation,
         )  # fmt: skip
         new = scorers.score(samples.prompts, samples.responses, args)
         new |= {"response": samples.responses, "length": reply_lengths(samples, tokenizer)}
@@ -657,7 +657,7 @@ def main(args):
     # models: the reward model, base, and whichever policies have been trained
     reward_model, rm_tokenizer = load_reward_model(work_dir, device, args)
     tokenizer = load_tokenizer(args.model)
-    base = load_causal_lm(resolve_model_name(args.model), tokenizer).to(device).eval()
+    base = freeze(load_causal_lm(resolve_model_name(args.model), tokenizer).to(device))
     positions = base.config.max_position_embeddings
     check(
         args.max_prompt_length + args.max_new_tokens <= positions,
@@ -690,7 +690,7 @@ def main(args):
     scorers = Scorers((reward_model, rm_tokenizer), gold, oracle)
 
     def load_policy(folder):
-        policy = load_causal_lm(folder, tokenizer).to(device).eval()
+        policy = freeze(load_causal_lm(folder, tokenizer).to(device))
         check(
             policy.config.vocab_size == base.config.vocab_size,
             f"{folder} has a vocabulary of {policy.config.vocab_size}, base {args.model} of "

@@ -119,6 +119,19 @@ class PolicyArgs(TrainArgs):
     )
 
 
+@dataclass
+class GenerationArgs:
+    """The sampling scripts' (PPO, GRPO, evaluate_models.py) switch for compiled generation."""
+
+    compile_generation: bool = field(
+        default=False,
+        metadata={
+            "help": "compile the decode step (torch.compile, CUDA graphs on a GPU) with prompts padded to a multiple "
+            "of 64 tokens: the eager path's samples, faster on a GPU after a warm-up per width (docs/benchmarks.md)"
+        },
+    )
+
+
 class _Parser(HfArgumentParser):
     def error(self, message):  # one line instead of argparse's usage block
         self.exit(2, f"{self.prog}: error: {message}\n")

@@ -98,6 +98,7 @@ import reward_model_training as rm
 from common import (
     filter_edge_cases,
     fp32_head,
+    freeze,
     fused_activation,
     generate_responses,
     join_conversation,
@@ -482,7 +483,7 @@ def bench_dpo(work, meter, impl, batch, out_dir):
         trainer.train()
         return
 
-    # The script's own micro-batch step (DPO_training.dpo_step): both models' log-probs, dpo_loss, the NaN guard,
+    # The script's own micro-batch step (DPO_training.dpo_step): both models' log-probs, dpo_loss,
     # backward, clipping, the optimizer and scheduler steps; its logging, evaluation and checkpoints are left out.
     accelerator = make_accelerator()
     split = {k: [r[k] for r in rows] for k in ("prompt", "chosen_response", "rejected_response")}
@@ -490,20 +491,17 @@ def bench_dpo(work, meter, impl, batch, out_dir):
     loader = DataLoader(dpo.tokenize_pairs(split, work.tokenizer), batch_size=batch, collate_fn=collate)
     dpo.disable_dropout(policy)
     dpo.disable_dropout(reference)
-    reference.eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(
         policy.parameters(), lr=script_args.learning_rate, weight_decay=script_args.weight_decay
     )
     scheduler = get_linear_schedule_with_warmup(optimizer, int(script_args.warmup_ratio * total), total)
     policy, optimizer, loader, scheduler = accelerator.prepare(policy, optimizer, loader, scheduler)
-    reference.to(accelerator.device)
+    freeze(reference.to(accelerator.device))
     policy.train()
     for step, batch_data in enumerate(loader):
         if step == args.warmup:
             meter.start()
-        dpo.dpo_step(
-            policy, reference, None, batch_data, optimizer, scheduler, script_args, accelerator, "in the benchmark"
-        )
+        dpo.dpo_step(policy, reference, None, batch_data, optimizer, scheduler, script_args, accelerator)
     meter.stop()
 
 
@@ -517,8 +515,8 @@ def time_online_steps(work, meter, step_fn, model, reference, reward_model, scri
     scripts, and the optimizer is the scripts' AdamW.
     """
     args, accelerator = work.args, make_accelerator()
-    reference = reference.to(accelerator.device).eval().requires_grad_(False)
-    reward_model = reward_model.to(accelerator.device).eval().requires_grad_(False)
+    reference = freeze(reference.to(accelerator.device))
+    reward_model = freeze(reward_model.to(accelerator.device))
     model.eval()
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=script_args.learning_rate, weight_decay=script_args.weight_decay
@@ -670,8 +668,8 @@ def bench_generate(work, meter, impl, batch, out_dir):
         generate = trainer._generate  # TRL's generation path: tokenize, left-pad, generate, mask after EOS, decode
     else:
 
-        def generate(chunk):  # as PPO_training's step 1: under the accelerator's autocast (bf16 on GPU)
-            with torch.no_grad(), accelerator.autocast():
+        def generate(chunk):  # as PPO_training's step 1 (in common.autocast: bf16 on a GPU)
+            with torch.no_grad():
                 return generate_responses(
                     policy, work.tokenizer, chunk, script_args.max_prompt_length, script_args.max_new_tokens,
                     script_args.temperature, script_args.top_p,

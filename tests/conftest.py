@@ -4,6 +4,7 @@ Tests call the scripts the way a user does (`main(parse_args(Args, TINY, argv))`
 subprocess), into temporary work folders; nothing touches the network.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -403,3 +405,30 @@ def pipeline_output(work):
     """What the pipeline in `work` printed: the runner's own output and each log of a stage run beside another."""
     logs = sorted((work / "logs").glob("*.log")) if (work / "logs").is_dir() else []
     return "\n".join(path.read_text() for path in [work / "pipeline.log", *logs])
+
+
+@contextlib.contextmanager
+def counted_syncs():
+    """Count the calls that make a GPU wait for the CPU to read a tensor (`.item()`, `.tolist()`, `bool`, `int`,
+    `float` of a tensor) made by this project's code inside the block (not by the libraries it calls, such as
+    transformers' mask checks): a list of "name file:line" per call."""
+    calls = []
+    originals = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__bool__", "__int__", "__float__")}
+    ours = {str(path) for path in REPO.glob("*.py")}  # the scripts and shared modules
+
+    def counting(name, original):
+        def wrapper(self, *args, **kwargs):
+            caller = sys._getframe(1)
+            if caller.f_code.co_filename in ours:
+                calls.append(f"{name} {Path(caller.f_code.co_filename).name}:{caller.f_lineno}")
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, counting(name, original))
+    try:
+        yield calls
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)

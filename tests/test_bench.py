@@ -159,3 +159,25 @@ def test_padding_counts_less_padding_when_batches_are_grouped_by_length():
     assert share["reward model, 8 pairs, grouped by length"] < share["reward model, 8 pairs, shuffled"]
     assert share["DPO, 4 pairs, grouped by length"] < share["DPO, 4 pairs, shuffled"]
     assert all(0 <= s < 100 for s in share.values())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path: on a GPU the script runs its parts")
+def test_the_gpu_check_skips_its_cuda_parts_on_a_cpu_and_says_so(tmp_path):
+    """benchmarks/gpu_check.sh on a machine without CUDA: exit 0, each of its four parts named as skipped in
+    gpu_check.md under the versions it found; without torch it stops in one line instead."""
+    script = ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out")]
+    done = subprocess.run(
+        script, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable}
+    )
+    assert done.returncode == 0, done.stderr
+    summary = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert f"torch {torch.__version__}" in summary and "GPU: none" in summary
+    for part in ("tests", "tiny_pipeline", "preflight", "generation"):
+        assert f"| {part} | skipped: no CUDA on this machine | |" in summary
+    assert "the four GPU parts were skipped" in done.stdout
+    broken = subprocess.run(script, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHON": "false"})
+    assert broken.returncode == 1
+    assert (
+        broken.stderr.strip()
+        == "error: false cannot import torch and transformers: activate the environment or set PYTHON="
+    )

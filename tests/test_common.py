@@ -349,6 +349,8 @@ def test_the_precision_follows_what_the_gpu_computes_natively(monkeypatch, gpu, 
     name, reason = common.precision()
     assert name == expected[0] and reason.startswith(expected[1]), reason
     assert asked == ([] if gpu is None else [False])  # never the emulated answer
+    assert common.precision("cpu")[0] == "fp32"  # a model kept on the CPU of a GPU machine: fp32
+    assert common.precision(torch.device("cuda", 0))[0] == name
     assert common.MIXED_PRECISION[name] == {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[name]
     assert common.trainer_precision() == {"bf16": name == "bf16", "fp16": name == "fp16"}  # Trainer's flags alike
 
@@ -381,3 +383,222 @@ def test_output_heads_stay_fp32_under_bf16_autocast_while_the_body_runs_in_bf16(
     torch.testing.assert_close(values, (hidden @ head.weight.T + head.bias).squeeze(-1), rtol=0, atol=1e-5)
     assert (out.logits - full_fp32).abs().max() > 1e-3  # the body did run in bf16
     assert type(common.fp32_head(torch.nn.Linear(2, 1))) is common.FP32Linear
+
+
+def small_causal_lm(kind, vocab=300):
+    """A randomly initialised 2-layer causal LM of three families, loaded as the scripts load theirs."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    model = {
+        "gpt2": lambda: GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=vocab, n_positions=64)),
+        "llama": lambda: LlamaForCausalLM(LlamaConfig(vocab_size=vocab, num_key_value_heads=2, **shape)),
+        "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, num_key_value_heads=2, **shape)),
+    }[kind]()
+    common.fp32_head(model.get_output_embeddings())
+    return model.eval()
+
+
+def left_padded_batch(vocab=300, rows=3, width=20, pads=(0, 5, 9)):
+    ids = torch.randint(1, vocab, (rows, width))
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        ids[row, :pad], mask[row, :pad] = 0, 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_log_probs_entropy_and_gradients_equal_the_full_logits(monkeypatch, kind, temperature):
+    """`response_logprobs` runs the LM head a chunk at a time (recomputed in backward) and never holds the full
+    logits: with the chunk forced to 7 tokens its log-probs, entropies and every gradient equal a hand-written
+    computation from the model's full logits."""
+    model = small_causal_lm(kind)
+    ids, mask = left_padded_batch()
+    context = 12
+
+    def reference():
+        logits = common.forward(model, ids, mask).logits[:, context - 1 : -1].float() / temperature
+        logp = torch.log_softmax(logits, -1)
+        token_logp = logp.gather(-1, ids[:, context:, None]).squeeze(-1)
+        return token_logp, -(logp.exp() * logp).sum(-1)
+
+    def grads(logprobs, entropy):
+        model.zero_grad()
+        ((logprobs * mask[:, context:]).sum() + 0.1 * entropy.sum()).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    want_lp, want_ent = reference()
+    want_grads = grads(want_lp, want_ent)
+    monkeypatch.setattr(common, "LOGITS_CHUNK", 7 * 300)  # 7 tokens of a 300-word vocabulary: 3 rows in 6 chunks
+    got_lp, got_ent, _ = common.response_logprobs(model, ids, mask, context, temperature, entropy=True)
+    assert got_lp.shape == got_ent.shape == (3, 8)
+    torch.testing.assert_close(got_lp, want_lp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_ent, want_ent, rtol=0, atol=1e-5)
+    got_grads = grads(got_lp, got_ent)
+    assert got_grads.keys() == want_grads.keys()
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():  # without autograd: no checkpointing, the same numbers, no entropy unless asked
+        lp, ent, _ = common.response_logprobs(model, ids, mask, context, temperature)
+    assert ent is None
+    torch.testing.assert_close(lp, want_lp, rtol=0, atol=1e-5)
+
+
+def fake_bf16(monkeypatch):
+    """This CPU computes as a bf16 GPU would: `precision()` says bf16, so `autocast` and `freeze` act."""
+    monkeypatch.setattr(common, "precision", lambda device=None: ("bf16", "faked for a test"))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_a_frozen_model_stores_what_autocast_casts_and_computes_bit_for_bit_the_same(monkeypatch, kind):
+    """`freeze` under bf16 keeps the matrix-product weights in bf16 (no cast at every forward), embeddings, norms
+    and the fp32 head in fp32: its log-probs under `autocast` equal the fp32 model's under autocast exactly."""
+    import copy
+
+    from transformers.pytorch_utils import Conv1D
+
+    fake_bf16(monkeypatch)
+    model = small_causal_lm(kind)
+    frozen = common.freeze(copy.deepcopy(model))
+    dtypes = {}
+    for module in frozen.modules():
+        dtypes.setdefault(type(module).__name__, set()).update(p.dtype for p in module.parameters(recurse=False))
+    dtypes = {name: kinds for name, kinds in dtypes.items() if kinds}  # modules that hold parameters
+    cast = {"Linear", "Conv1D"} & set(dtypes)
+    assert cast and all(dtypes[name] == {torch.bfloat16} for name in cast)
+    assert dtypes["FP32Linear"] == {torch.float32}
+    assert all(dtypes[name] == {torch.float32} for name in dtypes if "Norm" in name or "Embedding" in name)
+    assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.training
+    assert any(isinstance(m, (torch.nn.Linear, Conv1D)) for m in model.modules())
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        want, _, _ = common.response_logprobs(model, ids, mask, 12)
+        got, _, _ = common.response_logprobs(frozen, ids, mask, 12)
+        monkeypatch.setattr(common, "precision", lambda device=None: ("fp32", "as on this CPU"))
+        plain, _, _ = common.response_logprobs(model, ids, mask, 12)
+    assert torch.equal(got, want)
+    assert (want - plain).abs().max() > 1e-4  # autocast did run the body in bf16
+    assert common.freeze(copy.deepcopy(model)).lm_head.weight.dtype == torch.float32  # fp32: nothing cast
+
+
+def test_the_evaluation_and_the_trainers_score_and_measure_one_sample_identically(monkeypatch, tiny_reward_dir):
+    """One precision everywhere (bf16 faked on this CPU): the rewards evaluate_models.py, PPO's final evaluation
+    and GRPO's held-out evaluation give one set of replies are the same numbers, and so is their KL to the
+    reference, where the trainers' forward passes and the evaluation's used to differ in precision."""
+    import evaluate_models
+    import GRPO_training as grpo
+    import PPO_training as ppo
+
+    fake_bf16(monkeypatch)
+    tokenizer = common.load_tokenizer(str(lifecycle.TINY_MODEL_DIR))
+    policy = common.load_causal_lm(str(lifecycle.TINY_MODEL_DIR), tokenizer)
+    with torch.no_grad():
+        for p in policy.parameters():  # a policy that has moved away from its reference
+            p.add_(0.02 * torch.randn_like(p))
+    base = common.freeze(common.load_causal_lm(str(lifecycle.TINY_MODEL_DIR), tokenizer))
+    reward_model, rm_tokenizer = common.load_reward_model(tiny_reward_dir, "cpu")
+    assert next(reward_model.transformer.h[0].mlp.c_fc.parameters()).dtype == torch.bfloat16  # frozen as on a GPU
+    prompts = [f"\n\nHuman: what is {word}?\n\nAssistant:" for word in ("rain", "a cat", "salt", "the sea")]
+    args = SimpleNamespace(
+        max_prompt_length=32, max_new_tokens=12, temperature=1.0, top_p=1.0, eval_top_p=1.0, eval_batch_size=4,
+        reward_max_length=64, compile_generation=False, batch_size=4, seed=3,
+    )  # fmt: skip
+
+    def sampled():
+        torch.manual_seed(3)
+        return common.generate_responses(policy, tokenizer, prompts, 32, 12)
+
+    samples = sampled()
+    evaluation = evaluate_models.Scorers(proxy=(reward_model, rm_tokenizer)).score(prompts, samples.responses, args)
+    evaluation_kl = evaluate_models.sequence_kl(policy, base, samples, 1.0)
+    torch.manual_seed(3)
+    ppo_eval = ppo.evaluate(policy, base, tokenizer, reward_model, rm_tokenizer, prompts, args)
+    grpo_eval = grpo.sample_and_score(policy, tokenizer, reward_model, rm_tokenizer, prompts, args, seed=3)
+    assert grpo_eval["replies"] == samples.responses == sampled().responses
+    assert grpo_eval["scores"].tolist() == evaluation["reward"]
+    assert ppo_eval["score"] == pytest.approx(float(torch.tensor(evaluation["reward"]).mean()), abs=1e-6)
+    assert ppo_eval["kl"] == pytest.approx(float(evaluation_kl.mean()), abs=1e-6)
+    assert evaluation_kl.abs().max() > 0.01  # the policy did move: a KL of 0 would compare nothing
+    monkeypatch.setattr(common, "precision", lambda device=None: ("fp32", "as on this CPU"))
+    fp32_scores = common.get_reward(reward_model.float(), rm_tokenizer, prompts, samples.responses, 64)
+    assert (fp32_scores - torch.tensor(evaluation["reward"])).abs().max() > 1e-5  # bf16 was in force above
+
+
+def test_compiled_generation_gives_the_eager_samples(monkeypatch):
+    """--compile_generation (a light backend on this CPU; inductor with CUDA graphs on a GPU): prompts padded to
+    one width of COMPILE_PAD, the decode step compiled; the same tokens as the eager path under the same seed and
+    log-probs within 1e-5."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    monkeypatch.setattr(common, "COMPILE_BACKEND", "eager")  # dynamo's graph capture without a compiler
+    monkeypatch.setattr(common, "COMPILE_PAD", 16)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300, n_positions=64)).eval()
+
+    class Tokenizer:  # whitespace-separated integers as token ids: no vocabulary files needed
+        pad_token_id = eos_token_id = 299
+
+        def __call__(self, texts, max_length, **kwargs):
+            rows = [[int(t) for t in text.split()][-max_length:] for text in texts]
+            width = max(map(len, rows))
+            ids = torch.tensor([[self.pad_token_id] * (width - len(r)) + r for r in rows])
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+            return {"input_ids": ids, "attention_mask": mask}
+
+        def batch_decode(self, ids, skip_special_tokens=True):
+            return [" ".join(str(t) for t in row if t != self.pad_token_id) for row in ids.tolist()]
+
+    tokenizer = Tokenizer()
+    prompts = [" ".join(str(3 + (i * 7 + j) % 280) for j in range(n)) for i, n in enumerate((11, 5, 14))]
+
+    def sample(compile):
+        torch.manual_seed(5)
+        samples = common.generate_responses(model, tokenizer, prompts, 40, 10, compile=compile)
+        logprobs, _, _ = common.response_logprobs(
+            model, samples.input_ids, samples.attention_mask, samples.query_ids.shape[1]
+        )
+        return samples, logprobs
+
+    widths, pad_left = [], common._pad_left
+    monkeypatch.setattr(common, "_pad_left", lambda enc, width, pad: widths.append(width) or pad_left(enc, width, pad))
+    eager, eager_lp = sample(False)
+    torch._dynamo.reset()
+    compiled, compiled_lp = sample(True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the decode step was compiled
+    assert widths == [16]  # the compiled call sampled from prompts padded to the next width (COMPILE_PAD 16)
+    assert eager.query_ids.shape[1] == compiled.query_ids.shape[1] == 14  # and returned them without those pads
+    assert torch.equal(compiled.query_ids, eager.query_ids) and torch.equal(compiled.query_mask, eager.query_mask)
+    assert compiled.responses == eager.responses
+    assert torch.equal(compiled.response_ids, eager.response_ids)
+    torch.testing.assert_close(compiled_lp * compiled.response_mask, eager_lp * eager.response_mask, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("saved_fused, here_fused", [(False, True), (True, False)])
+def test_a_resumed_optimizer_keeps_this_machines_fused_choice(saved_fused, here_fused):
+    """A checkpoint written on a CPU (fused=False) resumed on a GPU steps fused, and the other way round; the moments
+    and step counts carry over, and the next step is the one an uninterrupted optimizer takes."""
+
+    def optimizer(fused):
+        torch.manual_seed(0)
+        weights = torch.nn.Parameter(torch.randn(4, 3))
+        return weights, torch.optim.AdamW([weights], lr=0.1, weight_decay=0.01, fused=fused)
+
+    def step(weights, opt):
+        weights.grad = torch.arange(12.0).view(4, 3) / 10
+        opt.step()
+
+    saved_weights, saved = optimizer(saved_fused)
+    step(saved_weights, saved)
+    straight_weights, straight = optimizer(saved_fused)
+    step(straight_weights, straight)
+    step(straight_weights, straight)
+    weights, resumed = optimizer(here_fused)
+    with torch.no_grad():
+        weights.copy_(saved_weights)
+    common.load_optimizer_state(resumed, saved.state_dict())
+    assert resumed.param_groups[0]["fused"] is here_fused
+    step(weights, resumed)
+    assert float(resumed.state[weights]["step"]) == 2
+    torch.testing.assert_close(weights, straight_weights, rtol=0, atol=1e-6)

@@ -182,6 +182,29 @@ def test_policy_equal_to_reference_gives_log_2(tokenizer, model):
     assert f"{losses.mean().item():.4f}" == "0.6931"
 
 
+def test_a_micro_batch_never_makes_the_gpu_wait(tokenizer, tmp_path):
+    """A micro-batch that does not step (log-probs of both models, the loss, backward) reads nothing back from the
+    device: the NaN check is once per optimizer step, the token count is summed as a tensor, and the reply's first
+    column comes with the batch (`context_length`), not from its mask. On a GPU each read would stall it."""
+    from accelerate import Accelerator
+    from conftest import counted_syncs
+
+    policy = load_causal_lm(str(lifecycle.TINY_MODEL_DIR), tokenizer)
+    reference = dpo.freeze(load_causal_lm(str(lifecycle.TINY_MODEL_DIR), tokenizer))
+    batch = dpo.collate_pairs(make_pairs(tokenizer), tokenizer.eos_token_id, max_seq_len=512)
+    assert batch["context_length"] == int(batch["loss_mask"].any(0).long().argmax())
+    args = tiny_args(tmp_path, "--gradient_accumulation_steps", 2)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    with counted_syncs() as calls:
+        stats, grad_norm = dpo.dpo_step(policy, reference, None, batch, optimizer, scheduler, args, accelerator)
+    assert grad_norm is None and not accelerator.sync_gradients  # the first of two micro-batches: no step yet
+    assert calls == []
+    assert torch.isfinite(stats["loss"]).all()
+
+
 # --- user errors ----------------------------------------------------------------------------
 
 

@@ -108,7 +108,7 @@ def test_best_of_n_keeps_the_proxys_first_best_among_the_first_n_replies(monkeyp
 
     proxy = {"p0": [0.5, 0.2, 0.9, 0.9], "p1": [1.0, 0.1, 0.3, 2.0], "p2": [-1.0, 3.0, 0.0, 0.0]}
 
-    def generate(model, tokenizer, batch, *args, num_return_sequences=1):  # reply j of prompt p is "p-j"
+    def generate(model, tokenizer, batch, *args, num_return_sequences=1, compile=False):  # reply j of prompt p is "p-j"
         replies = [f"{p}-{j}" for p in batch for j in range(1, num_return_sequences + 1)]
         ids = torch.ones(len(replies), 3, dtype=torch.long)  # 3 reply tokens, none of them EOS (0)
         return common.Samples(ids, ids, ids, ids, [p for p in batch for _ in range(num_return_sequences)], replies)

@@ -178,9 +178,10 @@ def test_logprobs_recomputed_from_a_generated_sequence_equal_those_at_sampling_t
     sampled = gather_logprobs(torch.stack(out.logits, 1) / temperature, response_ids)  # raw logits, tempered
     attention_mask = torch.cat([enc["attention_mask"], mask], 1)
     with torch.no_grad():
-        logits, values = ppo.policy_forward(model, out.sequences, attention_mask, context_length, temperature)
-    recomputed = gather_logprobs(logits, response_ids)
-    assert values.shape == response_ids.shape
+        recomputed, entropy, values = ppo.policy_forward(
+            model, out.sequences, attention_mask, context_length, temperature
+        )
+    assert values.shape == entropy.shape == recomputed.shape == response_ids.shape
     torch.testing.assert_close(recomputed[mask.bool()], sampled[mask.bool()], atol=1e-5, rtol=0)
 
 
@@ -293,6 +294,30 @@ def test_two_processes_end_with_identical_weights(work):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "weights identical on all 2 processes" in proc.stdout
     assert [r["step"] for r in read_metrics(work / PPO_DIR / "metrics.jsonl")] == [1, 2]
+
+
+def test_the_gpu_is_waited_for_once_per_step_not_once_per_minibatch(work):
+    """A PPO step reads tensors back from the device (each read stalls a GPU) as often with 4 minibatches as with 1:
+    the NaN check and the token count are once per step. Same seed, same samples, so generation's own reads match."""
+    from accelerate import Accelerator
+    from conftest import counted_syncs
+
+    reward_model, rm_tokenizer = load_reward_model(work, "cpu")
+    counts = {}
+    for minibatches in (1, 4):
+        args = tiny_args(work, "--rollout_batch_size", 8, "--num_minibatches", minibatches, "--max_new_tokens", 12)
+        model, tokenizer = tiny_policy()
+        reference = load_causal_lm(str(TINY_MODEL_DIR), tokenizer).eval()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # no optimizer internals in the count
+        prompts = list(load_processed_data(args)["train"]["prompt"])[:8]
+        torch.manual_seed(0)
+        with counted_syncs() as calls:
+            ppo.ppo_step(
+                model, reference, reward_model, tokenizer, rm_tokenizer, optimizer, prompts, args, 0.1,
+                Accelerator(cpu=True), "",
+            )  # fmt: skip
+        counts[minibatches] = calls
+    assert counts[1] == counts[4]
 
 
 def test_tokens_processed_counts_real_tokens_not_padding(work):
