@@ -255,3 +255,30 @@ def test_two_processes_end_with_identical_weights(work, tmp_path):
     base = load_causal_lm(str(TINY_MODEL_DIR), load_tokenizer(str(TINY_MODEL_DIR)))
     assert len(digests) == 1 and digest(base) not in digests  # identical on both processes, and trained
     assert [r["step"] for r in read_metrics(work / GRPO_FINAL_DIR / "metrics.jsonl")] == [0, 1, 2]
+
+
+def test_the_gpu_is_waited_for_once_per_step_not_once_per_update(work):
+    """A GRPO step reads tensors back from the device (each read stalls a GPU) as often with 3 updates per rollout
+    as with 1: the NaN check is once per step. Same seed, same samples, so generation's own reads match."""
+    from accelerate import Accelerator
+    from conftest import counted_syncs
+
+    from common import freeze, load_processed_data, load_reward_model
+
+    reward_model, reward_tokenizer = load_reward_model(work, "cpu")
+    counts = {}
+    for updates in (1, 3):
+        args = tiny_args(work, "--rollout_batch_size", 2, "--group_size", 2, "--updates_per_rollout", updates)
+        tokenizer = load_tokenizer(str(TINY_MODEL_DIR))
+        policy = load_causal_lm(str(TINY_MODEL_DIR), tokenizer).eval()
+        reference = freeze(load_causal_lm(str(TINY_MODEL_DIR), tokenizer))
+        optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)  # no optimizer internals in the count
+        prompts = list(load_processed_data(args)["train"]["prompt"])[:2]
+        torch.manual_seed(0)
+        with counted_syncs() as calls:
+            grpo.grpo_step(
+                policy, reference, reward_model, tokenizer, reward_tokenizer, optimizer, prompts, args, 0.02,
+                Accelerator(cpu=True), "",
+            )  # fmt: skip
+        counts[updates] = calls
+    assert counts[1] == counts[3]
