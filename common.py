@@ -580,6 +580,19 @@ def _pad_left(enc, width, pad_token_id):
     }
 
 
+def _kept_static_cache(model, rows, length):
+    """--compile_generation's KV cache for `rows` sequences of up to `length` tokens, kept on the model and emptied
+    for each call: CUDA graphs replay on fixed addresses, and a fresh cache per call (what `generate` makes) would
+    make them record again every time. One per row count (each holds 2 x layers x rows x length x width values)."""
+    from transformers import StaticCache
+
+    caches = model.__dict__.setdefault("_kept_static_caches", {})
+    if (rows, length) not in caches:
+        caches[(rows, length)] = StaticCache(config=model.config, max_cache_len=length)
+    caches[(rows, length)].reset()
+    return caches[(rows, length)]
+
+
 @torch.no_grad()
 def generate_responses(
     model,
@@ -619,9 +632,12 @@ def generate_responses(
     if compile:
         config = CompileConfig(backend=COMPILE_BACKEND, mode=COMPILE_MODE if device.type == "cuda" else "default")
         config._compile_all_devices = True  # transformers compiles on CUDA only unless told
-        sampling |= dict(compile_config=config, disable_compile=False)
-    else:  # no torch.compile, which a static cache turns on by default on a GPU (a recompile per length)
-        sampling |= dict(disable_compile=True)
+        cache = _kept_static_cache(
+            unwrap(model), len(prompts) * num_return_sequences, max_prompt_length + max_new_tokens
+        )
+        sampling |= dict(compile_config=config, disable_compile=False, cache=cache)
+    else:  # a fresh static cache; no torch.compile, which it turns on by default on a GPU (a recompile per length)
+        sampling |= dict(disable_compile=True, cache_implementation="static")
     with autocast(device):  # one autocast for the whole call: the policy's weight casts are cached across tokens
         sequences = unwrap(model).generate(
             **enc,
@@ -629,9 +645,8 @@ def generate_responses(
             num_return_sequences=num_return_sequences,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
-            # one buffer for the whole reply instead of a copy per token: the same samples, 22% faster on the tiny
-            # model (150 prompts x 64 tokens: 3.0 s -> 2.35 s)
-            cache_implementation="static",
+            # a static cache, one buffer for the whole reply instead of a copy per token: the same samples, 22%
+            # faster on the tiny model (150 prompts x 64 tokens: 3.0 s -> 2.35 s)
             **sampling,
         )
     context_length = enc["input_ids"].shape[1]

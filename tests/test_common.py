@@ -567,7 +567,11 @@ def test_compiled_generation_gives_the_eager_samples(monkeypatch):
     torch._dynamo.reset()
     compiled, compiled_lp = sample(True)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the decode step was compiled
-    assert widths == [16]  # the compiled call sampled from prompts padded to the next width (COMPILE_PAD 16)
+    (cache,) = model._kept_static_caches.values()  # one cache for 3 rows, kept for the next call
+    again, again_lp = sample(True)
+    assert model._kept_static_caches == {(3, 50): cache}  # emptied and reused, not made anew
+    assert torch.equal(again.response_ids, compiled.response_ids) and torch.equal(again_lp, compiled_lp)
+    assert widths == [16, 16]  # the compiled calls sampled from prompts padded to the next width (COMPILE_PAD 16)
     assert eager.query_ids.shape[1] == compiled.query_ids.shape[1] == 14  # and returned them without those pads
     assert torch.equal(compiled.query_ids, eager.query_ids) and torch.equal(compiled.query_mask, eager.query_mask)
     assert compiled.responses == eager.responses
