@@ -457,14 +457,14 @@ def entropy_from_logits(logits):
 LOGITS_CHUNK = 2**25
 
 
-def _head_logprobs(hidden, weight, bias, labels, temperature, with_entropy):
-    """One chunk of `response_logprobs`: the LM head in fp32, then log p(label) and (with_entropy) the entropy."""
-    with torch.autocast(hidden.device.type, enabled=False):
-        logits = torch.nn.functional.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
-        if temperature != 1.0:  # at 1 no division: it would copy the chunk for nothing
-            logits = logits / temperature
-        logprobs = gather_logprobs(logits, labels)
-        return logprobs, entropy_from_logits(logits) if with_entropy else logprobs.new_zeros(())
+def _head_logprobs(head, hidden, labels, temperature, with_entropy):
+    """One chunk of `response_logprobs`: the LM head in fp32 (`FP32Linear`'s product, whatever the head's class),
+    then log p(label) and (with_entropy) the entropy."""
+    logits = FP32Linear.forward(head, hidden)
+    if temperature != 1.0:  # at 1 no division: it would copy the chunk for nothing
+        logits = logits / temperature
+    logprobs = gather_logprobs(logits, labels)
+    return logprobs, entropy_from_logits(logits) if with_entropy else logprobs.new_zeros(())
 
 
 def response_logprobs(model, input_ids, attention_mask, context_length, temperature=1.0, entropy=False):
@@ -489,7 +489,7 @@ def response_logprobs(model, input_ids, attention_mask, context_length, temperat
     chunk = max(1, LOGITS_CHUNK // head.weight.shape[0])
     logprobs, entropies = [], []
     for start in range(0, labels.shape[0], chunk):
-        part = (hidden[start : start + chunk], head.weight, head.bias, labels[start : start + chunk])
+        part = (head, hidden[start : start + chunk], labels[start : start + chunk])
         if torch.is_grad_enabled():
             lp, ent = checkpoint(_head_logprobs, *part, temperature, entropy, use_reentrant=False)
         else:
@@ -636,7 +636,9 @@ def generate_responses(
             unwrap(model), len(prompts) * num_return_sequences, max_prompt_length + max_new_tokens
         )
         sampling |= dict(compile_config=config, disable_compile=False, cache=cache)
-    else:  # a fresh static cache; no torch.compile, which it turns on by default on a GPU (a recompile per length)
+    else:  # a static cache, one buffer for the whole reply instead of a copy per token: the same samples, 22% faster
+        # on the tiny model (150 prompts x 64 tokens: 3.0 s -> 2.35 s); no torch.compile, which a static cache turns
+        # on by default on a GPU (a recompile per length)
         sampling |= dict(disable_compile=True, cache_implementation="static")
     with autocast(device):  # one autocast for the whole call: the policy's weight casts are cached across tokens
         sequences = unwrap(model).generate(
@@ -645,8 +647,6 @@ def generate_responses(
             num_return_sequences=num_return_sequences,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
-            # a static cache, one buffer for the whole reply instead of a copy per token: the same samples, 22%
-            # faster on the tiny model (150 prompts x 64 tokens: 3.0 s -> 2.35 s)
             **sampling,
         )
     context_length = enc["input_ids"].shape[1]
