@@ -23,7 +23,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import common
-from lifecycle import TINY_MODEL_DIR
+from lifecycle import TINY_MODEL_DIR, UserError
 
 
 def step(model, ids, mask, context):
@@ -62,6 +62,8 @@ def main():
     parser.add_argument("--n_layer", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    if not Path(args.tokenizer).is_dir():
+        raise UserError(f"--tokenizer {args.tokenizer}: no such folder")
     tokenizer = common.load_tokenizer(args.tokenizer)
     print(f"{torch.get_num_threads()} thread(s); median of {args.repeats}, alternating\n")
     print("| model | batch x tokens | fp32 s/step | bf16 s/step | fp32 / bf16 | max log-prob difference |")
@@ -76,4 +78,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # a bad --tokenizer: one line, not a traceback
+        sys.exit(f"error: {e}")

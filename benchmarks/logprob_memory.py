@@ -23,12 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
+import common
+from lifecycle import UserError
+
 
 def measure(way, tokenizer, pairs, reply_tokens):
     """In this process: build the model, run `way` once, return the peak memory in MB."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    import common
     from reporting import peak_memory_mb
 
     vocab = len(common.load_tokenizer(tokenizer))
@@ -61,6 +63,9 @@ def main():
     if args.measure:
         print(json.dumps(measure(args.measure, args.tokenizer, args.pairs, args.reply_tokens)))
         return
+    if not Path(args.tokenizer).is_dir():
+        raise UserError(f"--tokenizer {args.tokenizer}: no such folder")
+    common.load_tokenizer(args.tokenizer)  # a folder without a tokenizer fails here, not in a child process
     peaks = {"weights": [], "full": [], "chunked": []}
     for _ in range(args.repeats):
         for way in peaks:
@@ -77,4 +82,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # a bad --tokenizer: one line, not a traceback
+        sys.exit(f"error: {e}")
