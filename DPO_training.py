@@ -54,22 +54,27 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from common import (
+    EpochShuffle,
     adamw,
+    collate_pairs,
+    disable_dropout,
     freeze,
-    join_conversation,
     load_causal_lm,
     load_optimizer_state,
     load_processed_data,
     load_tokenizer,
     make_accelerator,
+    pair_length,
     response_logprobs,
     save_pretrained_atomic,
     set_seed,
+    start_model,
+    tokenize_pairs,
     unwrap,
 )
 from lifecycle import (
@@ -174,113 +179,8 @@ PLOT_KEYS = (
 
 
 # ---------------------------------------------------------------------------
-# Data: (prompt, chosen, rejected) token ids -> left-padded [chosen; rejected] batches
-# ---------------------------------------------------------------------------
-
-
-def tokenize_pairs(split, tokenizer):
-    """Every pair as token ids: its prompt's, and each reply's as the rest of `join_conversation(prompt, reply)`.
-
-    GPT-2's pre-tokenizer splits before the space that opens the reply, so the joined
-    text's tokens start with the prompt's own; a tokenizer that merges across that
-    boundary would make the reply's log-probs ill-defined, and is refused.
-    """
-    prompts = tokenizer(list(split["prompt"]))["input_ids"]
-    pairs = [{"idx": i, "prompt": ids} for i, ids in enumerate(prompts)]
-    for key in ("chosen", "rejected"):
-        texts = [join_conversation(p, r) for p, r in zip(split["prompt"], split[f"{key}_response"])]
-        for pair, ids in zip(pairs, tokenizer(texts)["input_ids"]):
-            n = len(pair["prompt"])
-            check(
-                ids[:n] == pair["prompt"],
-                f"--model {tokenizer.name_or_path}: its tokenizer merges the prompt's last token with the reply's first "
-                f"(pair {pair['idx']}), so the reply's tokens are not a suffix of the conversation's",
-            )
-            pair[key] = ids[n:]
-    return pairs
-
-
-def build_sequence(prompt_ids, reply_ids, eos_token_id, max_seq_len):
-    """prompt + reply + EOS in at most `max_seq_len` tokens: (ids, reply mask).
-
-    A reply too long by itself is cut from the right (and so loses its EOS); the
-    prompt keeps at least one token, which predicts the reply's first token, and is cut
-    from the left so that it keeps its final "Assistant:".
-    """
-    reply_ids = (reply_ids + [eos_token_id])[: max_seq_len - 1]
-    prompt_ids = prompt_ids[-(max_seq_len - len(reply_ids)) :]
-    return prompt_ids + reply_ids, [0] * len(prompt_ids) + [1] * len(reply_ids)
-
-
-def collate_pairs(pairs, eos_token_id, max_seq_len, padding_side="left"):
-    """A batch of B pairs as 2B padded rows, chosen first then rejected: (2B, T) tensors, idx (B,) and
-    `context_length`, the first column holding a reply token (a Python int: on a GPU, reading it from `loss_mask`
-    would wait for the device at every micro-batch).
-
-    The pad token is EOS: what is padding comes from `attention_mask`, what is scored from
-    `loss_mask` (the reply and its EOS), never from comparing ids with the pad id.
-    """
-    rows = [
-        build_sequence(p["prompt"], p[key], eos_token_id, max_seq_len) for key in ("chosen", "rejected") for p in pairs
-    ]
-    width = max(len(ids) for ids, _ in rows)
-
-    def pad(seq, value):
-        fill = [value] * (width - len(seq))
-        return fill + seq if padding_side == "left" else seq + fill
-
-    loss_mask = torch.tensor([pad(mask, 0) for _, mask in rows])  # (2B, T)
-    return {
-        "input_ids": torch.tensor([pad(ids, eos_token_id) for ids, _ in rows]),  # (2B, T)
-        "attention_mask": torch.tensor([pad([1] * len(ids), 0) for ids, _ in rows]),  # (2B, T)
-        "loss_mask": loss_mask,
-        "idx": torch.tensor([p["idx"] for p in pairs]),  # (B,)
-        "context_length": int(loss_mask.any(0).long().argmax()),
-    }
-
-
-def pair_length(pair, max_seq_len):
-    """The width a pair pads its batch to: its longer row, prompt + reply + EOS, at most `max_seq_len` tokens."""
-    return min(len(pair["prompt"]) + max(len(pair["chosen"]), len(pair["rejected"])) + 1, max_seq_len)
-
-
-class EpochShuffle(Sampler):
-    """A fresh permutation per epoch, seeded by (seed, epoch): every process and a resumed run see the same order.
-
-    With `lengths` (each pair's `pair_length`), grouped by length as Trainer's `group_by_length` does: the
-    permutation is cut into windows of 50 batches (of `batch_size` pairs: all processes' together), each sorted
-    longest first, so that a batch pads to about its own pairs' length rather than to the longest of the split.
-    The same pairs in every epoch; which pairs share a batch is still shuffled from epoch to epoch.
-    """
-
-    def __init__(self, n, seed, lengths=None, batch_size=1):
-        self.n, self.seed, self.epoch = n, seed, 0
-        self.lengths, self.window = lengths, 50 * batch_size
-
-    def set_epoch(self, epoch):  # accelerate's prepared loader forwards `set_epoch` to its sampler
-        self.epoch = epoch
-
-    def __len__(self):
-        return self.n
-
-    def __iter__(self):
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        if self.lengths is None:
-            yield from order
-            return
-        for start in range(0, self.n, self.window):
-            yield from sorted(order[start : start + self.window], key=lambda i: -self.lengths[i])
-
-
-# ---------------------------------------------------------------------------
 # Log-probs and the loss
 # ---------------------------------------------------------------------------
-
-
-def disable_dropout(model):
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
 
 
 def sequence_logps(model, input_ids, attention_mask, loss_mask, context_length=None):
@@ -475,9 +375,10 @@ def main(args):
     )
     val_loader = DataLoader(val_set, batch_size=args.per_device_eval_batch_size, collate_fn=collate)
 
-    # models: the policy and its frozen reference both start from the base model
-    policy = load_causal_lm(args.model, tokenizer)
-    ref_model = freeze(load_causal_lm(args.model, tokenizer).to(accelerator.device))
+    # models: the policy and its frozen reference, both the start model (sft_model/ or the base model: --init_from)
+    start = start_model(args, run_dir, is_main)
+    policy = load_causal_lm(start, tokenizer)
+    ref_model = freeze(load_causal_lm(start, tokenizer).to(accelerator.device))
     disable_dropout(policy)
     disable_dropout(ref_model)
     check(

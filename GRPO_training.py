@@ -67,6 +67,7 @@ from common import (
     response_logprobs,
     save_pretrained_atomic,
     set_seed,
+    start_model,
     unwrap,
 )
 from lifecycle import (
@@ -364,9 +365,11 @@ def main(args):
     check(len(eval_prompts) >= world, f"--eval_prompts: {len(eval_prompts)} prompts for {world} processes")
     order = prompt_order(len(train_prompts), args.total_steps * args.rollout_batch_size * world, args.seed)
 
-    # models: the policy (trained), its frozen reference and the frozen reward model
+    # models: the policy (trained) and its frozen reference, both the start model (sft_model/ or the base model:
+    # --init_from), and the frozen reward model
+    start = start_model(args, run_dir, is_main)
     tokenizer = load_tokenizer(args.model)
-    policy = load_causal_lm(args.model, tokenizer)
+    policy = load_causal_lm(start, tokenizer)
     reference = freeze(copy.deepcopy(policy).to(device))
     reward_model, reward_tokenizer = load_reward_model(args.work_dir, device, args)
     policy.eval()  # dropout off: the loss's log-probs are those of the policy that sampled
@@ -509,7 +512,7 @@ def main(args):
         save_pretrained_atomic(
             Path(args.work_dir) / GRPO_FINAL_DIR, policy, tokenizer, extra=folder_files(args.total_steps, final_title)
         )
-        best_policy = load_causal_lm(args.model, tokenizer)
+        best_policy = load_causal_lm(start, tokenizer)
         best_policy.load_state_dict(best["state"])
         best_info = {"step": best["step"], "eval/reward": best["eval/reward"], "eval_prompts": len(eval_prompts)}
         extra = folder_files(best["step"], best_title) | {"best.json": lambda p: atomic_write_json(p, best_info)}

@@ -82,6 +82,7 @@ from common import (
     response_logprobs,
     save_pretrained_atomic,
     set_seed,
+    start_model,
     test_prompt_sample,
     unwrap,
 )
@@ -455,16 +456,18 @@ def main(args):
     order = np.concatenate([order_rng.permutation(len(train_prompts)) for _ in range(passes)])
     eval_indices, eval_prompts = test_prompt_sample(data["test"], args.eval_prompts, args.seed)  # evaluate_models.py's
 
-    # models: policy + value head (trained), reference (frozen copy of the base), reward model (frozen)
+    # models: policy + value head (trained) and its frozen reference, both from the start model (sft_model/ or the
+    # base model: --init_from), and the reward model (frozen)
+    start = start_model(args, run_dir, is_main)
     tokenizer = load_tokenizer(args.model)
-    model = PolicyWithValueHead(load_causal_lm(args.model, tokenizer))
+    model = PolicyWithValueHead(load_causal_lm(start, tokenizer))
     n_positions = getattr(model.policy.config, "n_positions", None)
     check(
         n_positions is None or args.max_prompt_length + args.max_new_tokens <= n_positions,
         f"--max_prompt_length + --max_new_tokens ({args.max_prompt_length + args.max_new_tokens}) exceed the "
         f"model's {n_positions} positions",
     )
-    ref_model = freeze(load_causal_lm(args.model, tokenizer).to(device))
+    ref_model = freeze(load_causal_lm(start, tokenizer).to(device))
     reward_model, rm_tokenizer = load_reward_model(args.work_dir, device, args)
     model.eval()  # dropout off for good: rollout and update must see the same policy
     optimizer = adamw(model.parameters(), args.learning_rate, args.weight_decay, accelerator.device)

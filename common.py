@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Sampler
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -37,8 +38,12 @@ from lifecycle import (
     OFFLINE_HINT,
     PROCESSED_DIR,
     REWARD_MODEL_DIR,
+    SFT_DIR,
+    START_FILE,
     TENSORBOARD_DIR,
     UserError,
+    atomic_write_json,
+    check,
     command,
     damage,
     first_line,
@@ -380,6 +385,37 @@ def load_causal_lm(name_or_path, tokenizer):
     return model
 
 
+def start_model(args, run_dir, is_main=True):
+    """What a policy starts from and its reference model is (InstructGPT): `sft_model/` or the base model, by
+    `--init_from` (auto: sft_model/ when the work dir has one). Records the choice in `args.init_from` (so args.json
+    and the card say it) and in runs/<name>/start.json, which a --resume follows: its reference stays the one it
+    started with, even if an SFT model was trained since. Returns the folder or hub id to load."""
+    sft, record = Path(args.work_dir) / SFT_DIR, Path(run_dir) / START_FILE
+    choice = args.init_from
+    if args.resume and record.is_file():
+        started = json.loads(record.read_text())["init_from"]
+        check(
+            choice in ("auto", started),
+            f"--init_from {choice}: the run being resumed started from {started}; resume with --init_from {started}",
+        )
+        choice = started
+    elif choice == "auto":
+        choice = "sft" if (sft / "config.json").is_file() else "base"
+    if choice == "sft":
+        train = command("SFT_training.py", args)
+        check((sft / "config.json").is_file(), f"--init_from sft: {sft} not found: train it first with `{train}`")
+        weights = sft / "model.safetensors"
+        check(damage(weights) is None, f"{weights} is {damage(weights)}: retrain it with `{train}`")
+    if is_main:
+        if not args.resume:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(record, {"init_from": choice})
+        where = f"{sft} (the SFT model)" if choice == "sft" else f"the base model {args.model}"
+        print(f"starting from {where} (--init_from {args.init_from}); the reference model is the same")
+    args.init_from = choice
+    return str(sft) if choice == "sft" else resolve_model_name(args.model)
+
+
 def load_reward_model(work_dir, device, args=None, gold=False):
     """The frozen reward model from `final_reward_model/` (`gold`: `final_gold_reward_model/`), in eval mode, and
     its tokenizer.
@@ -417,6 +453,113 @@ def save_pretrained_atomic(folder, model, tokenizer, extra=None):
     for name, write in (extra or {}).items():
         write(tmp / name)
     replace_folder(tmp, folder)
+
+
+# ---------------------------------------------------------------------------
+# Supervised batches: prompt + reply token ids, left padded (SFT and DPO)
+# ---------------------------------------------------------------------------
+
+
+def tokenize_pairs(split, tokenizer, keys=("chosen", "rejected")):
+    """Every pair as token ids: its prompt's, and each reply's (`keys`: `chosen` for SFT, both for DPO) as the rest of
+    `join_conversation(prompt, reply)`.
+
+    GPT-2's pre-tokenizer splits before the space that opens the reply, so the joined
+    text's tokens start with the prompt's own; a tokenizer that merges across that
+    boundary would make the reply's log-probs ill-defined, and is refused.
+    """
+    prompts = tokenizer(list(split["prompt"]))["input_ids"]
+    pairs = [{"idx": i, "prompt": ids} for i, ids in enumerate(prompts)]
+    for key in keys:
+        texts = [join_conversation(p, r) for p, r in zip(split["prompt"], split[f"{key}_response"])]
+        for pair, ids in zip(pairs, tokenizer(texts)["input_ids"]):
+            n = len(pair["prompt"])
+            check(
+                ids[:n] == pair["prompt"],
+                f"--model {tokenizer.name_or_path}: its tokenizer merges the prompt's last token with the reply's first "
+                f"(pair {pair['idx']}), so the reply's tokens are not a suffix of the conversation's",
+            )
+            pair[key] = ids[n:]
+    return pairs
+
+
+def build_sequence(prompt_ids, reply_ids, eos_token_id, max_seq_len):
+    """prompt + reply + EOS in at most `max_seq_len` tokens: (ids, reply mask).
+
+    A reply too long by itself is cut from the right (and so loses its EOS); the
+    prompt keeps at least one token, which predicts the reply's first token, and is cut
+    from the left so that it keeps its final "Assistant:".
+    """
+    reply_ids = (reply_ids + [eos_token_id])[: max_seq_len - 1]
+    prompt_ids = prompt_ids[-(max_seq_len - len(reply_ids)) :]
+    return prompt_ids + reply_ids, [0] * len(prompt_ids) + [1] * len(reply_ids)
+
+
+def collate_pairs(pairs, eos_token_id, max_seq_len, padding_side="left", keys=("chosen", "rejected")):
+    """A batch of B pairs as B x len(keys) padded rows, each key's in turn (DPO: chosen first then rejected: (2B, T)
+    tensors; SFT: the chosen rows alone), idx (B,) and
+    `context_length`, the first column holding a reply token (a Python int: on a GPU, reading it from `loss_mask`
+    would wait for the device at every micro-batch).
+
+    The pad token is EOS: what is padding comes from `attention_mask`, what is scored from
+    `loss_mask` (the reply and its EOS), never from comparing ids with the pad id.
+    """
+    rows = [build_sequence(p["prompt"], p[key], eos_token_id, max_seq_len) for key in keys for p in pairs]
+    width = max(len(ids) for ids, _ in rows)
+
+    def pad(seq, value):
+        fill = [value] * (width - len(seq))
+        return fill + seq if padding_side == "left" else seq + fill
+
+    loss_mask = torch.tensor([pad(mask, 0) for _, mask in rows])  # (2B, T)
+    return {
+        "input_ids": torch.tensor([pad(ids, eos_token_id) for ids, _ in rows]),  # (2B, T)
+        "attention_mask": torch.tensor([pad([1] * len(ids), 0) for ids, _ in rows]),  # (2B, T)
+        "loss_mask": loss_mask,
+        "idx": torch.tensor([p["idx"] for p in pairs]),  # (B,)
+        "context_length": int(loss_mask.any(0).long().argmax()),
+    }
+
+
+def pair_length(pair, max_seq_len):
+    """The width a pair pads its batch to: its longest row, prompt + reply + EOS, at most `max_seq_len` tokens."""
+    longest = max(len(ids) for key, ids in pair.items() if key not in ("idx", "prompt"))
+    return min(len(pair["prompt"]) + longest + 1, max_seq_len)
+
+
+class EpochShuffle(Sampler):
+    """A fresh permutation per epoch, seeded by (seed, epoch): every process and a resumed run see the same order.
+
+    With `lengths` (each pair's `pair_length`), grouped by length as Trainer's `group_by_length` does: the
+    permutation is cut into windows of 50 batches (of `batch_size` pairs: all processes' together), each sorted
+    longest first, so that a batch pads to about its own pairs' length rather than to the longest of the split.
+    The same pairs in every epoch; which pairs share a batch is still shuffled from epoch to epoch.
+    """
+
+    def __init__(self, n, seed, lengths=None, batch_size=1):
+        self.n, self.seed, self.epoch = n, seed, 0
+        self.lengths, self.window = lengths, 50 * batch_size
+
+    def set_epoch(self, epoch):  # accelerate's prepared loader forwards `set_epoch` to its sampler
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        if self.lengths is None:
+            yield from order
+            return
+        for start in range(0, self.n, self.window):
+            yield from sorted(order[start : start + self.window], key=lambda i: -self.lengths[i])
+
+
+def disable_dropout(model):
+    """Dropout off (as TRL's DPO and SFT do): the policy at step 0 equals its reference, and losses measure training."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
 
 # ---------------------------------------------------------------------------

@@ -89,6 +89,7 @@ from lifecycle import (
     PPO_DIR,
     PROCESSED_DIR,
     RUN_ID_FILE,
+    SFT_DIR,
     TINY_DATA_DIR,
     CommonArgs,
     GenerationArgs,
@@ -139,7 +140,7 @@ class Args(CommonArgs, GenerationArgs):
 TINY = dict(batch_size=50, reward_max_length=256, bootstrap_samples=2000)
 
 # Column prefix -> output folder of the script that trains it, in the order of the table.
-POLICY_DIRS = {"ppo": PPO_DIR, "grpo": GRPO_BEST_DIR, "dpo": DPO_DIR}
+POLICY_DIRS = {"sft": SFT_DIR, "ppo": PPO_DIR, "grpo": GRPO_BEST_DIR, "dpo": DPO_DIR}
 RESULTS_XLSX = "rlhf_eval_results_with_base.xlsx"
 RESPONSES_JSONL = "rlhf_eval_responses.jsonl"
 BOXPLOT_PNG = "rlhf_eval_rewards_boxplot.png"
@@ -149,7 +150,13 @@ FRONTIER_CSV = "rlhf_eval_frontier.csv"
 FRONTIER_PNG = "rlhf_eval_frontier.png"
 # The frontier's methods: (run folder under runs/ holding the snapshots, folder of the final policy).
 # GRPO's path ends in its final policy (grpo_rlhf_model/), not in the best-by-validation one.
-FRONTIER_RUNS = {"ppo": ("ppo", PPO_DIR), "grpo": ("grpo", GRPO_FINAL_DIR), "dpo": ("dpo", DPO_DIR)}
+# SFT keeps no snapshots: its model is one point on the frontier, the start of the policies that began from it.
+FRONTIER_RUNS = {
+    "sft": ("sft", SFT_DIR),
+    "ppo": ("ppo", PPO_DIR),
+    "grpo": ("grpo", GRPO_FINAL_DIR),
+    "dpo": ("dpo", DPO_DIR),
+}
 
 
 def check_grpo_pair(work_dir, args):
@@ -177,6 +184,14 @@ def sequence_kl(policy, base, samples, temperature):
     logprobs, _, _ = response_logprobs(policy, *inputs)  # (B, R)
     ref_logprobs, _, _ = response_logprobs(base, *inputs)  # (B, R)
     return ((logprobs - ref_logprobs) * samples.response_mask).sum(-1)  # (B,)
+
+
+def started_from(folder):
+    """The model a policy started from and kept as its reference: "sft" or "base" (its args.json's init_from; a
+    policy trained before SFT existed here, or the SFT model itself, started from base)."""
+    path = Path(folder) / "args.json"
+    saved = json.loads(path.read_text()) if path.is_file() and damage(path) is None else {}
+    return "sft" if saved.get("init_from") == "sft" else "base"
 
 
 def load_oracle(work_dir):
@@ -214,10 +229,11 @@ def reply_lengths(samples, tokenizer):
     return (samples.response_mask * not_eos).sum(-1).tolist()
 
 
-def evaluate_model(name, model, base, tokenizer, prompts, scorers, args, progress=True):
-    """Sample one reply per prompt, score it, (for a policy) its KL to base, and (tiny data) the oracle's label."""
+def evaluate_model(name, model, base, tokenizer, prompts, scorers, args, progress=True, reference=None):
+    """Sample one reply per prompt, score it, (for a policy) its KL to base and to its own `reference` (the SFT model
+    it started from; None: base is its reference), and (tiny data) the oracle's label."""
     set_seed(args.seed)  # every model draws from the same random stream
-    out = {"response": [], "reward": [], "gold": [], "kl": [], "length": [], "oracle": []}
+    out = {"response": [], "reward": [], "gold": [], "kl": [], "kl_ref": [], "length": [], "oracle": []}
     for i in tqdm(range(0, len(prompts), args.batch_size), desc=f"evaluate {name}", disable=not progress):
         batch = prompts[i : i + args.batch_size]
         samples = generate_responses(
@@ -229,7 +245,9 @@ def evaluate_model(name, model, base, tokenizer, prompts, scorers, args, progres
             out[key] += values
         out["length"] += reply_lengths(samples, tokenizer)
         if base is not None:
-            out["kl"] += sequence_kl(model, base, samples, args.temperature).tolist()
+            kl = sequence_kl(model, base, samples, args.temperature).tolist()
+            out["kl"] += kl
+            out["kl_ref"] += sequence_kl(model, reference, samples, args.temperature).tolist() if reference else kl
     return out
 
 
@@ -324,9 +342,11 @@ def gold_columns(out, args):
     return {"gold_mean": float(np.mean(out["gold"])), "gold_ci_low": low, "gold_ci_high": high}
 
 
-def summarize(results, costs, args, oracle_labels=None):
-    """One row per model: reward (95% bootstrap CI), share beating base, KL, diversity, length, cost,
-    and, where the replies carry oracle labels (`oracle_labels`: every label, "good" first), the oracle's columns."""
+def summarize(results, costs, args, oracle_labels=None, starts=None):
+    """One row per model: reward (95% bootstrap CI), share beating base, KL to base, the model it started from
+    (`starts`: {name: "sft" | "base"}) and the KL to it, diversity, length, cost, and, where the replies carry oracle
+    labels (`oracle_labels`: every label, "good" first), the oracle's columns."""
+    starts = starts or {}
     base_rewards = np.asarray(results["base"]["reward"])
     rows = []
     for name, out in results.items():
@@ -339,6 +359,8 @@ def summarize(results, costs, args, oracle_labels=None):
             "reward_ci_high": high,
             "beats_base_share": np.nan if name == "base" else float(np.mean(rewards > base_rewards)),
             "kl_mean": 0.0 if name == "base" else float(np.mean(out["kl"])),
+            "reference": starts.get(name, "") if name != "base" else "",
+            "kl_ref_mean": 0.0 if name == "base" else float(np.mean(out["kl_ref"])),
             **gold_columns(out, args),
             "distinct_share": len(set(out["response"])) / len(out["response"]),
             "length_mean": float(np.mean(out["length"])),
@@ -353,15 +375,16 @@ def summarize(results, costs, args, oracle_labels=None):
 
 
 CARD_COLUMNS = [  # the summary's columns a model card shows (those this evaluation has)
-    "reward_mean", "reward_ci_low", "reward_ci_high", "beats_base_share", "kl_mean", "gold_mean", "gold_ci_low",
+    "reward_mean", "reward_ci_low", "reward_ci_high", "beats_base_share", "kl_mean", "kl_ref_mean", "gold_mean", "gold_ci_low",
     "gold_ci_high", "oracle_good", "oracle_gain_ci_low", "oracle_gain_ci_high", "distinct_share", "length_mean",
 ]  # fmt: skip
 
 
 def card_table(summary, name):
-    """The summary's rows for base and `name` as a markdown table, one line per figure."""
-    rows = summary.set_index("model").loc[["base", name]]
-    lines = [f"| figure | base | {name} |", "|---|---|---|"]
+    """The summary's rows for base, the SFT model (where evaluated) and `name` as a markdown table, one figure a line."""
+    names = list(dict.fromkeys(["base", *(["sft"] if "sft" in set(summary.model) else []), name]))
+    rows = summary.set_index("model").loc[names]
+    lines = [f"| figure | {' | '.join(names)} |", "|---" * (len(names) + 1) + "|"]
     for column in [c for c in CARD_COLUMNS if c in rows]:
         cells = ["" if pd.isna(v) else f"{v:.3f}" for v in rows[column]]
         lines.append(f"| `{column}` | {' | '.join(cells)} |")
@@ -406,13 +429,15 @@ def frontier_paths(work_dir):
     return paths
 
 
-def frontier(paths, outs, bon, args):
-    """The reward-KL frontier: base; every point of each method's path; best-of-N from base. `outs` holds every
-    model's evaluation by folder (None: base), all on the same prompts, decoding settings and seed as the table."""
+def frontier(paths, outs, bon, args, starts=None):
+    """The reward-KL frontier: base; every point of each method's path, with the model it started from (`starts`:
+    {method: "sft" | "base"}); best-of-N from base. `outs` holds every model's evaluation by folder (None: base), all
+    on the same prompts, decoding settings and seed as the table; every KL is to base, so all share one origin."""
     rows = [frontier_row("base", 0, None, outs[None], 0.0, args)]
     for method, path in paths.items():
         rows += [
             frontier_row(method, step, None, outs[folder], float(np.mean(outs[folder]["kl"])), args)
+            | {"start": (starts or {}).get(method, "base")}
             for step, folder in path
         ]
     rows += [frontier_row("best_of_n", None, n, out, best_of_n_kl(n), args) for n, out in bon.items()]
@@ -433,8 +458,11 @@ def run_job(job):
     if job[0] == "best_of_n":
         return best_of_n_draws(c["base"], c["tokenizer"], c["prompts"], c["scorers"], c["args"], progress)
     _, label, folder = job
-    model, reference = (c["base"], None) if folder is None else (c["load_policy"](folder), c["base"])
-    return evaluate_model(label, model, reference, c["tokenizer"], c["prompts"], c["scorers"], c["args"], progress)
+    model, base = (c["base"], None) if folder is None else (c["load_policy"](folder), c["base"])
+    reference = c["references"].get(folder)  # the SFT model, for a policy that started from it
+    return evaluate_model(
+        label, model, base, c["tokenizer"], c["prompts"], c["scorers"], c["args"], progress, reference
+    )
 
 
 def init_worker():
@@ -473,7 +501,9 @@ def plot_frontier(path, table):
     base = table[table.method == "base"]
     for ax, (key, ci, label) in zip(axes[0], panels):
         for i, method in enumerate(FRONTIER_RUNS):
-            path_points = pd.concat([base, table[table.method == method]])
+            points = table[table.method == method]
+            via_sft = method != "sft" and len(points) and (points["start"] == "sft").any()  # base, SFT, its path
+            path_points = pd.concat([base, *([table[table.method == "sft"]] if via_sft else []), points])
             if len(path_points) > 1:
                 ax.errorbar(
                     path_points.sqrt_kl, path_points[key],
@@ -511,6 +541,7 @@ def results_table(prompts, results):
             columns[f"{name}_gold"] = out["gold"]
         if name != "base":
             columns[f"{name}_kl"] = out["kl"]
+            columns[f"{name}_kl_ref"] = out["kl_ref"]
         if out.get("oracle"):
             columns[f"{name}_oracle"] = out["oracle"]
     return pd.DataFrame(columns)
@@ -698,6 +729,17 @@ def main(args):
         )
         return policy
 
+    # each policy's reference is the model it started from (its args.json's init_from): base or the SFT model
+    starts = {name: started_from(folder) for name, folder in policies.items()}
+    for name, start in starts.items():
+        if start == "sft" and "sft" not in policies:
+            print(
+                f"{policies[name]} started from {work_dir / SFT_DIR}, which is gone: its KL to its reference is to base"
+            )
+            starts[name] = "base"
+    sft = load_policy(policies["sft"]) if "sft" in starts.values() else None
+    references = {policies[name]: sft for name, start in starts.items() if start == "sft"}
+
     # every model samples, is scored and measured (KL to base): base, the policies, the frontier's snapshots (a
     # model of the table is not sampled twice), and best-of-N draws more base replies; the longest job first
     paths = frontier_paths(work_dir) if args.frontier else {}
@@ -709,7 +751,13 @@ def main(args):
     jobs += [("model", labels[folder], folder) for folder in folders]
     workers = 1 if device.type == "cuda" else min(args.workers or torch.get_num_threads(), len(jobs))
     JOB_CONTEXT.update(
-        base=base, tokenizer=tokenizer, prompts=prompts, scorers=scorers, args=args, load_policy=load_policy
+        base=base,
+        tokenizer=tokenizer,
+        prompts=prompts,
+        scorers=scorers,
+        args=args,
+        load_policy=load_policy,
+        references=references,
     )
     print(f"evaluating base and {', '.join(policies) or 'no policy'} on {len(prompts)} test prompts")
     done = run_jobs(jobs, workers)
@@ -720,10 +768,10 @@ def main(args):
     points = None
     if args.frontier:
         bon = best_of_n(results["base"], draws, args) if draws is not None else {}
-        points = frontier(paths, outs, bon, args)
+        points = frontier(paths, outs, bon, args, starts)
 
     # save: the table and summary, the raw text, the plots
-    summary = summarize(results, costs, args, oracle.LABELS if oracle else None)
+    summary = summarize(results, costs, args, oracle.LABELS if oracle else None, starts)
     write_xlsx(work_dir / RESULTS_XLSX, results_table(prompts, results), summary)
     write_jsonl(work_dir / RESPONSES_JSONL, test_indices, prompts, results)
     plot_results(work_dir, results, summary)

@@ -54,6 +54,8 @@ PPO_DIR = "ppo_rlhf_model"
 GRPO_BEST_DIR = "grpo_best"
 GRPO_FINAL_DIR = "grpo_rlhf_model"
 DPO_DIR = "dpo_rlhf_model"
+SFT_DIR = "sft_model"
+START_FILE = "start.json"  # runs/<name>/start.json: {"init_from": "sft" | "base"}, what a --resume starts from
 RUN_ID_FILE = "run.json"  # {"run_id": ...} in both GRPO folders: evaluation tells a pair from two runs
 SNAPSHOTS_DIR = "snapshots"  # runs/<name>/snapshots/step-N/: policy-only snapshots for the evaluation's frontier
 TENSORBOARD_DIR = "tensorboard"  # runs/<run>/tensorboard/: `tensorboard --logdir WORK_DIR/runs` shows them all
@@ -115,6 +117,14 @@ class PolicyArgs(TrainArgs):
         metadata={
             "help": "keep a policy-only snapshot every N steps in runs/<name>/snapshots/ for evaluate_models.py's "
             "frontier (0 = off; about 500 MB each for gpt2)"
+        },
+    )
+    init_from: str = field(
+        default="auto",
+        metadata={
+            "help": "the model the policy starts from and stays near (its reference): sft = sft_model/, base = "
+            "--model; auto = sft_model/ when the work dir has one, else base",
+            "choices": ["auto", "sft", "base"],
         },
     )
 

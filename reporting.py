@@ -275,9 +275,19 @@ PAPERS = {
     " and [Schulman et al. (2017), Proximal Policy Optimization](https://arxiv.org/abs/1707.06347)",
     "grpo": "[Shao et al. (2024), DeepSeekMath](https://arxiv.org/abs/2402.03300)",
     "dpo": "[Rafailov et al. (2023), Direct Preference Optimization](https://arxiv.org/abs/2305.18290)",
+    "sft": "[Ouyang et al. (2022), Training language models to follow instructions with human feedback]"
+    "(https://arxiv.org/abs/2203.02155), step 1",
 }
 # method: (name, task, tags, what the model is, headline figures of its eval_results.json: (path, metric type, name))
 CARDS = {
+    "sft": (
+        "SFT model",
+        "text-generation",
+        ["sft", "rlhf"],
+        "The base model fine-tuned on the chosen replies of the preference pairs (the negative log-likelihood of the "
+        "reply tokens): the start and the reference model of the RL policies.",
+        [("eval/loss", "loss", "validation NLL per reply token"), ("eval/perplexity", "perplexity", "perplexity")],
+    ),
     "reward_model": (
         "reward model",
         "text-classification",
@@ -290,7 +300,8 @@ CARDS = {
         "PPO policy",
         "text-generation",
         ["ppo", "rlhf"],
-        "A policy trained with PPO against the reward model, with a KL penalty to the base model; "
+        "A policy trained with PPO against the reward model, with a KL penalty to the model it started from (the SFT "
+        "model or the base: `init_from` below); "
         "`value_head.safetensors` holds the value head it was trained with.",
         [("ppo/score", "reward", "reward-model score of its replies"), ("ppo/kl", "kl", "KL to base (nats)")],
     ),
@@ -299,15 +310,16 @@ CARDS = {
         "text-generation",
         ["grpo", "rlhf"],
         "A policy trained with GRPO: several replies per prompt, each scored by the reward model against its "
-        "group's mean, with a KL penalty to the base model; no value head.",
+        "group's mean, with a KL penalty to the model it started from (the SFT model or the base: `init_from` "
+        "below); no value head.",
         [("eval/reward", "reward", "reward-model score of its replies")],
     ),
     "dpo": (
         "DPO policy",
         "text-generation",
         ["dpo", "rlhf"],
-        "A policy trained with DPO straight on the preference pairs: no reward model and no sampling, the base "
-        "model as its reference.",
+        "A policy trained with DPO straight on the preference pairs: no reward model and no sampling, the model "
+        "it started from (the SFT model or the base: `init_from` below) as its reference.",
         [
             ("eval/rewards/accuracies", "accuracy", "pairs its implicit reward ranks right"),
             ("eval/loss", "loss", "DPO loss"),

@@ -3,22 +3,25 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
-STAGES=(data reward gold ppo grpo dpo eval notebook)
-declare -A SCRIPT=([data]=data_process.py [reward]=reward_model_training.py [gold]=reward_model_training.py
+STAGES=(data sft reward gold ppo grpo dpo eval notebook)
+declare -A SCRIPT=([data]=data_process.py [sft]=SFT_training.py [reward]=reward_model_training.py
+  [gold]=reward_model_training.py
   [ppo]=PPO_training.py [grpo]=GRPO_training.py [dpo]=DPO_training.py [eval]=evaluate_models.py
   [notebook]=analysis_notebook.ipynb)
 declare -A FIXED=([gold]="--train_split gold_train") # what makes a stage of a shared script
 # What each stage reads: with --jobs 2, stages whose inputs are ready run side by side
-declare -A NEEDS=([data]="" [reward]=data [gold]=data [ppo]=reward [grpo]=reward [dpo]=data
-  [eval]="reward gold ppo grpo dpo" [notebook]=eval)
+declare -A NEEDS=([data]="" [sft]=data [reward]=data [gold]=data [ppo]="sft reward" [grpo]="sft reward"
+  [dpo]="sft" [eval]="sft reward gold ppo grpo dpo" [notebook]=eval)
 
 usage() {
   cat <<'EOF'
-Usage: bash run_pipeline.sh [--FLAG VALUE ...] [--STAGE.FLAG VALUE ...] [--from STAGE | --only STAGE] [--jobs N]
+Usage: bash run_pipeline.sh [--FLAG VALUE ...] [--STAGE.FLAG VALUE ...] [--from STAGE | --only STAGE]
+                            [--skip STAGE] [--jobs N]
 
-Runs data_process.py, reward_model_training.py (the proxy reward model, then the gold one where
-processed_data/ has a gold_train split), PPO_training.py, GRPO_training.py, DPO_training.py and
-evaluate_models.py (stages: data reward gold ppo grpo dpo eval), and stops at the first that fails.
+Runs data_process.py, SFT_training.py, reward_model_training.py (the proxy reward model, then the gold
+one where processed_data/ has a gold_train split), PPO_training.py, GRPO_training.py, DPO_training.py
+and evaluate_models.py (stages: data sft reward gold ppo grpo dpo eval), and stops at the first that
+fails. PPO, GRPO and DPO start from the SFT model (their --init_from auto).
 The stage `notebook` (only when named: --only notebook) executes analysis_notebook.ipynb on the
 work dir's evaluation with nbconvert and saves it, outputs and figures, into --work_dir.
 
@@ -27,8 +30,10 @@ work dir's evaluation with nbconvert and saves it, outputs and figures, into --w
   --report_to T       the training stages' experiment trackers: tensorboard, wandb, trackio, or a comma list
   --from STAGE        start at STAGE; the earlier stages' outputs must be in --work_dir already
   --only STAGE        run STAGE alone
-  --jobs N            run up to N stages at once where their inputs are ready (reward, gold and dpo need
-                      only the data; ppo and grpo the reward model); a stage beside another writes its
+  --skip STAGE        leave STAGE out (repeatable); --skip sft runs the pipeline without SFT: the
+                      policies start from the base model (--init_from base), even beside an sft_model/
+  --jobs N            run up to N stages at once where their inputs are ready (sft, reward and gold need
+                      only the data; dpo the SFT model; ppo and grpo both); a stage beside another writes its
                       output to WORK_DIR/logs/STAGE.log. Default 2 for --preset tiny on 2 or more cores
                       (one BLAS thread each), else 1 (one GPU runs one stage at a time; on CUDA, stages
                       go side by side only on devices named in CUDA_VISIBLE_DEVICES=0,1, one each)
@@ -36,6 +41,7 @@ work dir's evaluation with nbconvert and saves it, outputs and figures, into --w
 
   bash run_pipeline.sh --preset tiny --work_dir runs/demo                       # offline, CPU, minutes
   bash run_pipeline.sh --preset tiny --work_dir runs/demo --from ppo --ppo.total_steps 40
+  bash run_pipeline.sh --preset tiny --work_dir runs/nosft --skip sft          # the policies from base
   bash run_pipeline.sh --preset tiny --work_dir runs/demo --only notebook       # the analysis, executed
   bash run_pipeline.sh --work_dir runs/gpt2                                     # gpt2 + hh-rlhf (GPU)
 EOF
@@ -54,7 +60,7 @@ LAST_DEFAULT=$(stage_index eval) # the last stage run by default: the notebook r
 
 # Split the command line: flags for every stage, flags for one stage (`--ppo.x`), and the stage range.
 # A value is every word after a flag up to the next `--` word, so `--x 1`, `--x=1` and bare switches work.
-declare -A STAGE_ARGS=()
+declare -A STAGE_ARGS=() SKIP=()
 common=() first=0 last=$LAST_DEFAULT target=common jobs=
 while (($#)); do
   word=$1
@@ -78,7 +84,20 @@ while (($#)); do
         value=$1
         shift
       fi
-      for stage in reward gold ppo grpo dpo; do STAGE_ARGS[$stage]+=" --report_to $(printf '%q' "$value")"; done
+      for stage in sft reward gold ppo grpo dpo; do STAGE_ARGS[$stage]+=" --report_to $(printf '%q' "$value")"; done
+      continue
+      ;;
+    --skip | --skip=*)
+      if [[ $word == --skip ]]; then
+        (($#)) || die "--skip needs a stage (${STAGES[*]})"
+        word=$1
+        shift
+      fi
+      stage=${word#--skip=}
+      stage_index "$stage" --skip >/dev/null
+      SKIP[$stage]=1
+      # without SFT the policies start from the base model, even where an older run left an sft_model/
+      [[ $stage != sft ]] || for s in ppo grpo dpo; do STAGE_ARGS[$s]+=" --init_from base"; done
       continue
       ;;
     --from | --only)
@@ -156,7 +175,7 @@ fi
 # at most $jobs at a time, in the order of STAGES. A stage alone runs in the foreground, its output live.
 declare -A STATE=() PID=() T0=() DEVICE=()
 for ((i = 0; i < ${#STAGES[@]}; i++)); do
-  ((i >= first && i <= last)) && STATE[${STAGES[i]}]=waiting || STATE[${STAGES[i]}]=done
+  ((i >= first && i <= last)) && [[ -z ${SKIP[${STAGES[i]}]:-} ]] && STATE[${STAGES[i]}]=waiting || STATE[${STAGES[i]}]=done
 done
 
 ready() { # every stage $1 reads is done

@@ -1,6 +1,6 @@
 """Preflight: rehearse the real run at its real sizes for a few steps, and project what the full run costs.
 
-Runs the six pipeline scripts one after another, each as its own subprocess exactly as a user
+Runs the seven pipeline scripts one after another, each as its own subprocess exactly as a user
 would run it (`python data_process.py ...`), with the `gpt2` preset's settings: the seed's batch
 sizes, gradient accumulation, sequence lengths, group size and epochs. Only three things change:
 
@@ -11,17 +11,19 @@ sizes, gradient accumulation, sequence lengths, group size and epochs. Only thre
 * `--logging_steps 1` for the two scripts that log less often, so that every step is timed.
 
 From each script's `metrics.jsonl` (`time/elapsed_s`, `tokens/processed` per step) and its process's
-peak memory it reports, per phase (data, reward model, PPO, GRPO, DPO, evaluation): the steps run,
+peak memory it reports, per phase (data, SFT, reward model, PPO, GRPO, DPO, evaluation): the steps run,
 seconds per step with the first step (warm-up, allocator growth) apart, tokens per second, peak
 memory (CUDA allocator peak on GPU, peak RSS of the process on CPU) and the projected wall time of
 the full run at the configured sizes:
 
+* SFT: epochs x ceil(ceil(train pairs / batch) / accumulation), plus a validation pass at step 0, every
+  `eval_steps` and at the end, at the per-reply speed of its step-0 pass;
 * reward model: epochs x ceil(train pairs / batch) // accumulation steps (HF Trainer's count), plus
   a validation pass every `eval_steps` and the test pass, at the per-pair speed of its test pass;
 * PPO and GRPO: `total_steps`; GRPO also its evaluations (at step 0, every `eval_every`, the end);
 * DPO: epochs x ceil(ceil(train pairs / batch) / accumulation), plus a validation pass every
   `eval_steps`, at the per-pair speed of its final one;
-* evaluation: 150 prompts x 4 models at the measured seconds per prompt and model;
+* evaluation: 150 prompts x 5 models at the measured seconds per prompt and model;
 * every phase: its start-up and saving as measured, once (not scaled).
 
 Train-set sizes come from the data step (`--project_to dataset`, the default when it ran in full)
@@ -68,12 +70,14 @@ import evaluate_models
 import GRPO_training
 import PPO_training
 import reward_model_training
+import SFT_training
 from lifecycle import (
     DPO_DIR,
     GRPO_FINAL_DIR,
     PPO_DIR,
     PROCESSED_DIR,
     REWARD_MODEL_DIR,
+    SFT_DIR,
     CommonArgs,
     UserError,
     atomic_write_json,
@@ -86,7 +90,7 @@ from reporting import read_metrics
 HH_RLHF_ROWS = {"train": 160_800, "test": 8_552}
 SEED_TRAIN_SUBSET = 50_000
 EVAL_FULL_PROMPTS = 150  # evaluate_models.py's --num_prompts
-EVAL_MODELS = 4  # base, PPO, GRPO, DPO
+EVAL_MODELS = 5  # base, SFT, PPO, GRPO, DPO
 GPU_SIZES_GB = (12, 16)  # the seed's minimum and recommended card
 GPU_SLACK_MB = 1024  # CUDA context and allocator fragmentation beyond the reserved peak
 
@@ -418,6 +422,30 @@ def phase_reward(args, common, sizes, log_dir, env):
     return training_result(timing, peak, max(steps), projection, seed_accum / accum, wall)
 
 
+def phase_sft(args, common, sizes, log_dir, env):
+    S = SFT_training.Args
+    seed_accum = seed_default(S, "gradient_accumulation_steps")
+    accum = accumulation(args, seed_accum)
+    argv = [*common, "--max_steps", args.steps, "--logging_steps", 1, "--gradient_accumulation_steps", accum]
+    argv += ["--max_eval_samples", args.eval_prompts]
+    wall, peak, _ = run_script("SFT_training.py", argv, log_dir / "sft.log", env)
+    records = read_metrics(Path(args.work_dir) / SFT_DIR / "metrics.jsonl")
+    eval_s = next(r for r in records if r["step"] == 0)["time/elapsed_s"]  # the base model's validation loss
+    eval_steps = [r["step"] for r in records if r["step"] >= 1 and "eval/loss" in r]
+    timing = step_timing(records, "sft/loss", eval_steps, eval_s)
+    s_per_reply = eval_s / min(args.eval_prompts, rehearsal_rows(args)["validation"])
+    batch, epochs = seed_default(S, "per_device_train_batch_size"), seed_default(S, "num_train_epochs")
+    full_steps = epochs * math.ceil(math.ceil(sizes["train"] / batch) / seed_accum)  # SFT_training's count
+    every = seed_default(S, "eval_steps")
+    n_evals = 1 + full_steps // every + (full_steps % every != 0)  # step 0, every eval_steps, the last step
+    projection = training_projection(
+        timing, wall, records[-1]["time/elapsed_s"], full_steps, seed_accum / accum,
+        n_evals * sizes["validation"] * s_per_reply,
+    )  # fmt: skip
+    projection["evals"], projection["eval_s_per_reply"] = n_evals, round(s_per_reply, 4)
+    return training_result(timing, peak, max(step_records(records, "sft/loss")), projection, seed_accum / accum, wall)
+
+
 def phase_ppo(args, common, sizes, log_dir, env):
     argv = [*common, "--total_steps", args.steps, "--eval_prompts", args.eval_prompts]
     wall, peak, _ = run_script("PPO_training.py", argv, log_dir / "ppo.log", env)
@@ -510,6 +538,7 @@ def phase_evaluate(args, common, sizes, log_dir, env):
 
 PHASES = {
     "data": phase_data,
+    "sft": phase_sft,
     "reward_model": phase_reward,
     "ppo": phase_ppo,
     "grpo": phase_grpo,

@@ -19,7 +19,7 @@ TOKENIZER = REPO.parent / "shared" / "gpt2-tokenizer"
 needs_shared = pytest.mark.skipif(
     not (TOKENIZER.exists() and SAMPLE.exists()), reason="../shared/gpt2-tokenizer or hh-rlhf-sample is absent"
 )
-TRAINING = ("reward_model", "ppo", "grpo", "dpo")
+TRAINING = ("sft", "reward_model", "ppo", "grpo", "dpo")
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_preflight_runs_every_phase_and_projects_from_what_it_measured(tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((work / "preflight.json").read_text())
     phases = report["phases"]
-    assert list(phases) == ["data", "reward_model", "ppo", "grpo", "dpo", "evaluation"]
+    assert list(phases) == ["data", "sft", "reward_model", "ppo", "grpo", "dpo", "evaluation"]
     for name in phases:
         assert f"| {name} |" in proc.stdout  # the table
     assert report["machine"]["cuda"] is False and report["machine"]["omp_num_threads"] == "1"
@@ -143,14 +143,20 @@ def test_preflight_runs_every_phase_and_projects_from_what_it_measured(tmp_path)
     assert phases["reward_model"]["projection"]["steps"] == math.ceil(3 * (math.ceil(sizes["train"] / 8) // 2))
     assert phases["ppo"]["projection"]["steps"] == 1500 and phases["grpo"]["projection"]["steps"] == 1500
     assert phases["dpo"]["projection"]["steps"] == math.ceil(math.ceil(sizes["train"] / 4) / 8)
+    sft = phases["sft"]["projection"]  # one epoch of batches of 8; validation at step 0, every 500 steps, the end
+    assert sft["steps"] == math.ceil(sizes["train"] / 8) and phases["sft"]["accumulation_scale"] == 1
+    assert sft["evals"] == 1 + math.ceil(sft["steps"] / 500)
+    assert sft["eval_s"] == pytest.approx(
+        sft["evals"] * sizes["validation"] * sft["eval_s_per_reply"], rel=0.01, abs=0.2
+    )
     rm = phases["reward_model"]["projection"]
     assert rm["eval_pairs"] == math.ceil(rm["steps"] / 500) * sizes["validation"] + sizes["test"]
     assert rm["eval_s"] == pytest.approx(rm["eval_pairs"] * rm["eval_s_per_pair"], rel=0.01, abs=0.2)
 
     ev = phases["evaluation"]
-    assert ev["prompts"] == 2 and ev["models"] == ["base", "ppo", "grpo", "dpo"]
+    assert ev["prompts"] == 2 and ev["models"] == ["base", "sft", "ppo", "grpo", "dpo"]
     p = ev["projection"]
-    assert p["total_s"] == pytest.approx(p["overhead_s"] + 150 * 4 * p["s_per_prompt_and_model"], abs=0.5)
+    assert p["total_s"] == pytest.approx(p["overhead_s"] + 150 * 5 * p["s_per_prompt_and_model"], abs=0.5)
     assert report["projected_total_s"] == pytest.approx(sum(r["projection"]["total_s"] for r in phases.values()))
 
 

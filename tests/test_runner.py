@@ -37,6 +37,7 @@ def test_flags_go_to_every_stage_and_dotted_ones_to_one(tmp_path):
     common = f"--preset tiny --work_dir {tmp_path}"
     assert stage_lines(proc) == [
         f"data_process.py {common} --seed 1",
+        f"SFT_training.py {common} --seed 1",
         f"reward_model_training.py {common} --seed 1",
         f"reward_model_training.py {common} --seed 1 --train_split gold_train --max_steps 7",
         f"PPO_training.py {common} --seed 1 --total_steps 5",
@@ -61,6 +62,24 @@ def test_from_and_only_pick_the_stages(tmp_path):
         ]
 
 
+def test_skip_sft_runs_the_seeds_pipeline_with_the_policies_from_base(tmp_path):
+    proc = pipeline("--preset", "tiny", "--work_dir", tmp_path, "--jobs", 1, "--skip", "sft", "--dpo.max_steps", 3)
+    common = f"--preset tiny --work_dir {tmp_path}"
+    assert stage_lines(proc) == [
+        f"data_process.py {common}",
+        f"reward_model_training.py {common}",
+        f"reward_model_training.py {common} --train_split gold_train",
+        f"PPO_training.py {common} --init_from base",
+        f"GRPO_training.py {common} --init_from base",
+        f"DPO_training.py {common} --init_from base --max_steps 3",
+        f"evaluate_models.py {common}",
+    ]
+    proc = pipeline("--work_dir", tmp_path, "--skip=gold", "--skip", "eval", "--from", "ppo")
+    assert [line.split()[0] for line in stage_lines(proc)] == ["PPO_training.py", "GRPO_training.py", "DPO_training.py"]
+    proc = pipeline("--skip", "sfft")
+    assert proc.returncode == 2 and "--skip: unknown stage 'sfft' (stages: data sft reward" in proc.stderr
+
+
 def test_the_notebook_without_an_evaluation_is_one_line_and_runs_nothing(tmp_path):
     fake = fake_python(tmp_path, f"touch {tmp_path}/ran")
     proc = run_pipeline("--preset", "tiny", "--work_dir", tmp_path / "w", "--only", "notebook", python=fake)
@@ -75,7 +94,7 @@ def test_the_notebook_without_an_evaluation_is_one_line_and_runs_nothing(tmp_pat
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--only", "sft"], "--only: unknown stage 'sft' (stages: data reward gold ppo grpo dpo eval notebook)"),
+        (["--only", "rlhf"], "--only: unknown stage 'rlhf' (stages: data sft reward gold ppo grpo dpo eval notebook)"),
         (["--jobs", "0"], "--jobs needs a positive number of stages, got '0'"),
         (["--from"], "--from needs a stage"),
         (["--rm.max_steps", "2"], "--rm.max_steps: unknown stage 'rm'"),
@@ -202,13 +221,18 @@ def test_with_two_jobs_stages_run_beside_each_other_once_what_they_read_is_done(
         for line in events.read_text().splitlines()
     ]
     position = {event: i for i, event in enumerate(order)}
-    # reward and gold (both need only the data) overlap; PPO and GRPO start after the reward model ends
-    assert position["start reward_model_training.py gold"] < position["end reward_model_training.py"]
-    assert position["start reward_model_training.py"] < position["end reward_model_training.py gold"]
+    # SFT, reward and gold (all need only the data) overlap; PPO and GRPO start after the reward and SFT models end,
+    # DPO after the SFT model
+    assert position["start SFT_training.py"] < position["end reward_model_training.py"]
+    assert position["start DPO_training.py"] > position["end SFT_training.py"]
+    assert position["start reward_model_training.py"] < position["end SFT_training.py"]
+    assert position["start reward_model_training.py gold"] < position["end DPO_training.py"]
     for script in ("PPO_training.py", "GRPO_training.py"):
-        assert position[f"start {script}"] > position["end reward_model_training.py"]
+        assert position[f"start {script}"] > max(
+            position["end reward_model_training.py"], position["end SFT_training.py"]
+        )
     assert position["start evaluate_models.py"] == len(order) - 2  # last, after everything else has ended
-    for stage in ("reward", "gold", "ppo", "grpo", "dpo"):  # side by side: each into its log, one thread each
+    for stage in ("sft", "reward", "gold", "ppo", "grpo", "dpo"):  # side by side: each into its log, one thread each
         assert "says OMP_NUM_THREADS=1" in (work / "logs" / f"{stage}.log").read_text()
     assert "evaluate_models.py says OMP_NUM_THREADS=2" in proc.stdout  # alone, in the foreground
     assert "== pipeline done in" in proc.stdout
