@@ -287,9 +287,11 @@ def value_loss(values, old_values, returns, mask, clip_range_value):
 def evaluate(policy, ref_model, tokenizer, reward_model, rm_tokenizer, prompts, args):
     """One sampled reply per prompt: mean score and its standard error, KL to the reference, distinct share, length.
 
-    `policy` and `ref_model` are bare causal LMs (the base model scored against itself has KL 0).
-    KL is the per-sequence sum of log pi - log pi_ref over reply tokens, as in training.
+    `policy` and `ref_model` are bare causal LMs (the reference scored against itself has KL 0).
+    KL is the per-sequence sum of log pi - log pi_ref over reply tokens, as in training. The random state is reset
+    to `--seed` first, so the policy and its reference reply from the same random stream, run after run.
     """
+    set_seed(args.seed)
     scores, kls, lengths, responses = [], [], [], []
     for i in range(0, len(prompts), args.eval_batch_size):
         samples = generate_responses(
@@ -547,14 +549,17 @@ def main(args):
         policy = unwrap(model).policy
         results = {}
         if eval_prompts:
-            # final eval: held-out test prompts, the trained policy against the base (= reference) model
+            # final eval: held-out test prompts, the trained policy against its reference, the model it started
+            # from (under its name: "sft" or "base")
             results = {
                 "prompts": len(eval_prompts),
                 "test_indices": eval_indices,  # the test rows scored: evaluate_models.py's `test_index` column
                 "ppo": evaluate(policy, ref_model, tokenizer, reward_model, rm_tokenizer, eval_prompts, args),
-                "base": evaluate(ref_model, ref_model, tokenizer, reward_model, rm_tokenizer, eval_prompts, args),
+                args.init_from: evaluate(
+                    ref_model, ref_model, tokenizer, reward_model, rm_tokenizer, eval_prompts, args
+                ),
             }
-            for name in ("base", "ppo"):
+            for name in (args.init_from, "ppo"):
                 r = results[name]
                 print(
                     f"eval {name:>4}: score {r['score']:.3f} +- {r['score_se']:.3f}, KL {r['kl']:.2f}, "

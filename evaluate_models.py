@@ -319,19 +319,26 @@ def training_cost(folder):
     }
 
 
-def oracle_summary(labels, base_labels, labels_order, args):
-    """The oracle's columns of one model: good share (95% CI), its gain over base (paired CI), every label's share."""
+def oracle_summary(labels, base_labels, labels_order, args, sft_labels=None):
+    """The oracle's columns of one model: good share (95% CI), its gain over base (paired CI) and, for a policy that
+    started from the SFT model (`sft_labels`: its labels), over SFT (paired CI), every label's share."""
     good, base_good = np.asarray(labels) == "good", np.asarray(base_labels) == "good"
     low, high = bootstrap_ci(good, args.bootstrap_samples, args.seed)
     gain_low, gain_high = bootstrap_ci(good.astype(float) - base_good, args.bootstrap_samples, args.seed)
-    return {
+    row = {
         "oracle_good": good.mean(),
         "oracle_good_ci_low": low,
         "oracle_good_ci_high": high,
         "oracle_gain_ci_low": gain_low,
         "oracle_gain_ci_high": gain_high,
-        **{f"oracle_{label}": float(np.mean(np.asarray(labels) == label)) for label in labels_order[1:]},
+        "oracle_gain_over_sft_ci_low": np.nan,
+        "oracle_gain_over_sft_ci_high": np.nan,
     }
+    if sft_labels is not None:
+        over_sft = good.astype(float) - (np.asarray(sft_labels) == "good")
+        low, high = bootstrap_ci(over_sft, args.bootstrap_samples, args.seed)
+        row |= {"oracle_gain_over_sft_ci_low": low, "oracle_gain_over_sft_ci_high": high}
+    return row | {f"oracle_{label}": float(np.mean(np.asarray(labels) == label)) for label in labels_order[1:]}
 
 
 def gold_columns(out, args):
@@ -351,6 +358,7 @@ def summarize(results, costs, args, oracle_labels=None, starts=None):
     rows = []
     for name, out in results.items():
         rewards = np.asarray(out["reward"])
+        from_sft = starts.get(name) == "sft" and "sft" in results  # a policy that started from the SFT model
         low, high = bootstrap_ci(rewards, args.bootstrap_samples, args.seed)
         row = {
             "model": name,
@@ -358,16 +366,18 @@ def summarize(results, costs, args, oracle_labels=None, starts=None):
             "reward_ci_low": low,
             "reward_ci_high": high,
             "beats_base_share": np.nan if name == "base" else float(np.mean(rewards > base_rewards)),
+            "beats_sft_share": float(np.mean(rewards > np.asarray(results["sft"]["reward"]))) if from_sft else np.nan,
             "kl_mean": 0.0 if name == "base" else float(np.mean(out["kl"])),
             "reference": starts.get(name, "") if name != "base" else "",
-            "kl_ref_mean": 0.0 if name == "base" else float(np.mean(out["kl_ref"])),
+            "kl_ref_mean": 0.0 if name == "base" else float(np.mean(out.get("kl_ref") or out["kl"])),
             **gold_columns(out, args),
             "distinct_share": len(set(out["response"])) / len(out["response"]),
             "length_mean": float(np.mean(out["length"])),
             **{k: costs.get(name, {}).get(k, np.nan) for k in ("train_time_s", "train_tokens", "train_peak_mb")},
         }
         if oracle_labels:
-            row |= oracle_summary(out["oracle"], results["base"]["oracle"], oracle_labels, args)
+            sft_labels = results["sft"]["oracle"] if from_sft else None
+            row |= oracle_summary(out["oracle"], results["base"]["oracle"], oracle_labels, args, sft_labels)
         rows.append(row)
     summary = pd.DataFrame(rows)
     summary["train_tokens"] = summary["train_tokens"].astype("Int64")  # a count, shown without decimals
@@ -375,13 +385,14 @@ def summarize(results, costs, args, oracle_labels=None, starts=None):
 
 
 CARD_COLUMNS = [  # the summary's columns a model card shows (those this evaluation has)
-    "reward_mean", "reward_ci_low", "reward_ci_high", "beats_base_share", "kl_mean", "kl_ref_mean", "gold_mean", "gold_ci_low",
-    "gold_ci_high", "oracle_good", "oracle_gain_ci_low", "oracle_gain_ci_high", "distinct_share", "length_mean",
+    "reward_mean", "reward_ci_low", "reward_ci_high", "beats_base_share", "beats_sft_share", "kl_mean", "kl_ref_mean",
+    "gold_mean", "gold_ci_low", "gold_ci_high", "oracle_good", "oracle_gain_ci_low", "oracle_gain_ci_high",
+    "oracle_gain_over_sft_ci_low", "oracle_gain_over_sft_ci_high", "distinct_share", "length_mean",
 ]  # fmt: skip
 
 
 def card_table(summary, name):
-    """The summary's rows for base, the SFT model (where evaluated) and `name` as a markdown table, one figure a line."""
+    """The summary's rows for base, the SFT model (where evaluated) and `name`: a markdown table, a figure a line."""
     names = list(dict.fromkeys(["base", *(["sft"] if "sft" in set(summary.model) else []), name]))
     rows = summary.set_index("model").loc[names]
     lines = [f"| figure | {' | '.join(names)} |", "|---" * (len(names) + 1) + "|"]
@@ -502,7 +513,7 @@ def plot_frontier(path, table):
     for ax, (key, ci, label) in zip(axes[0], panels):
         for i, method in enumerate(FRONTIER_RUNS):
             points = table[table.method == method]
-            via_sft = method != "sft" and len(points) and (points["start"] == "sft").any()  # base, SFT, its path
+            via_sft = method != "sft" and "start" in points and (points["start"] == "sft").any()  # base, SFT, path
             path_points = pd.concat([base, *([table[table.method == "sft"]] if via_sft else []), points])
             if len(path_points) > 1:
                 ax.errorbar(
@@ -541,7 +552,7 @@ def results_table(prompts, results):
             columns[f"{name}_gold"] = out["gold"]
         if name != "base":
             columns[f"{name}_kl"] = out["kl"]
-            columns[f"{name}_kl_ref"] = out["kl_ref"]
+            columns[f"{name}_kl_ref"] = out.get("kl_ref") or out["kl"]
         if out.get("oracle"):
             columns[f"{name}_oracle"] = out["oracle"]
     return pd.DataFrame(columns)

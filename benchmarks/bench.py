@@ -96,6 +96,8 @@ import GRPO_training as grpo
 import PPO_training as ppo
 import reward_model_training as rm
 from common import (
+    collate_pairs,
+    disable_dropout,
     filter_edge_cases,
     fp32_head,
     freeze,
@@ -108,6 +110,7 @@ from common import (
     make_accelerator,
     response_mask_from_eos,
     set_seed,
+    tokenize_pairs,
     trainer_precision,
 )
 from lifecycle import PRESETS, CommonArgs, UserError, check, parse_args
@@ -487,10 +490,10 @@ def bench_dpo(work, meter, impl, batch, out_dir):
     # backward, clipping, the optimizer and scheduler steps; its logging, evaluation and checkpoints are left out.
     accelerator = make_accelerator()
     split = {k: [r[k] for r in rows] for k in ("prompt", "chosen_response", "rejected_response")}
-    collate = partial(dpo.collate_pairs, eos_token_id=work.eos, max_seq_len=script_args.max_seq_len)
-    loader = DataLoader(dpo.tokenize_pairs(split, work.tokenizer), batch_size=batch, collate_fn=collate)
-    dpo.disable_dropout(policy)
-    dpo.disable_dropout(reference)
+    collate = partial(collate_pairs, eos_token_id=work.eos, max_seq_len=script_args.max_seq_len)
+    loader = DataLoader(tokenize_pairs(split, work.tokenizer), batch_size=batch, collate_fn=collate)
+    disable_dropout(policy)
+    disable_dropout(reference)
     optimizer = torch.optim.AdamW(
         policy.parameters(), lr=script_args.learning_rate, weight_decay=script_args.weight_decay
     )

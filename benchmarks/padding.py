@@ -6,7 +6,7 @@ reward model's and DPO's training batches in the order each script draws them, a
 * reward model: HF Trainer's sampler, `RandomSampler` (`--no_group_by_length`) or `LengthGroupedSampler`
   (`--group_by_length`), pairs of `max(len(chosen), len(rejected))` tokens, each batch 2B rows padded to its
   longest text (as `reward_model_training.collate`);
-* DPO: `DPO_training.EpochShuffle` without and with lengths, batches built by `DPO_training.collate_pairs`.
+* DPO: `common.EpochShuffle` without and with lengths, batches built by `common.collate_pairs` (DPO's and SFT's).
 
 The padded-token share is the share of a batch's tokens that are padding, summed over the epoch; the last
 column is the tokens computed per real token (1 / (1 - share)). Nothing is trained: it reads lengths only.
@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import RandomSampler
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-import DPO_training as dpo
+import common
 from common import load_processed_data, load_tokenizer
 
 SHARED = REPO.parent / "shared"
@@ -63,12 +63,12 @@ def reward_model_padding(train, batch_size, grouped, seed):
 
 def dpo_padding(train, tokenizer, batch_size, max_seq_len, grouped, seed):
     """(padded share, tokens per real token) of one epoch of DPO's batches, as `collate_pairs` builds them."""
-    pairs = dpo.tokenize_pairs(train, tokenizer)
-    lengths = [dpo.pair_length(pair, max_seq_len) for pair in pairs]
-    sampler = dpo.EpochShuffle(len(pairs), seed, lengths=lengths if grouped else None, batch_size=batch_size)
+    pairs = common.tokenize_pairs(train, tokenizer)
+    lengths = [common.pair_length(pair, max_seq_len) for pair in pairs]
+    sampler = common.EpochShuffle(len(pairs), seed, lengths=lengths if grouped else None, batch_size=batch_size)
     real = padded = 0
     for batch in batches(list(sampler), batch_size):
-        mask = dpo.collate_pairs([pairs[i] for i in batch], tokenizer.eos_token_id, max_seq_len)["attention_mask"]
+        mask = common.collate_pairs([pairs[i] for i in batch], tokenizer.eos_token_id, max_seq_len)["attention_mask"]
         real, padded = real + int(mask.sum()), padded + mask.numel()
     return share(real, padded)
 

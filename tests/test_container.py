@@ -44,6 +44,7 @@ def test_dockerignore_covers_every_output_the_scripts_write():
     ]
     outputs = [
         lifecycle.PROCESSED_DIR,
+        lifecycle.SFT_DIR,
         lifecycle.REWARD_MODEL_DIR,
         lifecycle.GOLD_REWARD_MODEL_DIR,
         lifecycle.PPO_DIR,

@@ -21,6 +21,7 @@ from evaluate_models import (
     TINY,
     Args,
     bootstrap_ci,
+    card_table,
     load_oracle,
     main,
     plot_frontier,
@@ -166,7 +167,10 @@ def test_summary_against_hand_values(tmp_path):
     assert summary.loc["base", "length_mean"] == 2.0
     assert summary.loc["ppo", "train_tokens"] == 1000 and pd.isna(summary.loc["base", "train_tokens"])
     table = results_table(["p1", "p2", "p3"], results)
-    assert list(table.columns) == ["prompt", "base_response", "base_reward", "ppo_response", "ppo_reward", "ppo_kl"]
+    assert list(table.columns) == [
+        "prompt", "base_response", "base_reward", "ppo_response", "ppo_reward", "ppo_kl", "ppo_kl_ref"
+    ]  # fmt: skip
+    assert summary.loc["ppo", "kl_ref_mean"] == 1.0 and math.isnan(summary.loc["ppo", "beats_sft_share"])
     assert not any(c.startswith("oracle") for c in summary.columns)  # no labels, no oracle columns
 
 
@@ -191,6 +195,35 @@ def test_oracle_columns_against_hand_values():
     assert "oracle_empty" not in summary  # only the labels asked for
     table = results_table(["p1", "p2", "p3", "p4"], results)
     assert list(table["ppo_oracle"]) == results["ppo"]["oracle"] and "base_oracle" in table
+
+
+def test_a_policy_from_the_sft_model_is_measured_against_it_too():
+    """beats_sft_share, the KL to its own reference and the oracle's gain over SFT, paired by prompt, by hand."""
+    labels = ("good", "rude")
+    results = {
+        "base": {"response": list("abcd"), "reward": [0.0] * 4, "kl": [], "oracle": ["rude"] * 4},
+        "sft": {"response": list("efgh"), "reward": [1.0, 2.0, 1.0, 2.0], "kl": [0.5] * 4, "kl_ref": [0.5] * 4,
+                "oracle": ["good", "good", "rude", "rude"]},
+        "ppo": {"response": list("ijkl"), "reward": [1.5] * 4, "kl": [2.0] * 4, "kl_ref": [1.0, 1.0, 2.0, 2.0],
+                "oracle": ["good", "good", "good", "good"]},
+    }  # fmt: skip
+    for out in results.values():
+        out["length"] = [1] * 4
+    args = parse_args(Args, TINY, ["--preset", "tiny", "--bootstrap_samples", "500"])
+    starts = {"sft": "base", "ppo": "sft"}
+    summary = summarize(results, {}, args, oracle_labels=labels, starts=starts).set_index("model")
+    assert summary.loc["ppo", "beats_sft_share"] == 0.5 and summary.loc["ppo", "beats_base_share"] == 1.0
+    assert summary.loc["ppo", "kl_mean"] == 2.0 and summary.loc["ppo", "kl_ref_mean"] == 1.5
+    assert summary.loc["sft", "kl_ref_mean"] == 0.5 and math.isnan(summary.loc["sft", "beats_sft_share"])
+    assert list(summary.reference) == ["", "base", "sft"]
+    # PPO's gains over SFT are (0, 0, 1, 1): an interval inside [0, 1]; SFT has none over itself
+    low, high = summary.loc["ppo", ["oracle_gain_over_sft_ci_low", "oracle_gain_over_sft_ci_high"]]
+    assert 0 <= low < 0.5 < high <= 1
+    assert summary.loc[["base", "sft"], "oracle_gain_over_sft_ci_low"].isna().all()
+    card = card_table(summary.reset_index(), "ppo")
+    assert (
+        card.splitlines()[0] == "| figure | base | sft | ppo |" and "| `kl_ref_mean` | 0.000 | 0.500 | 1.500 |" in card
+    )
 
 
 def test_the_oracle_applies_to_the_bundled_tiny_data_only(tmp_path):
@@ -275,17 +308,17 @@ def test_evaluate_end_to_end_tiny(eval_work):
     table = sheets["results"]
     assert list(table.columns) == [
         "prompt", "base_response", "base_reward", "base_gold", "base_oracle",
-        "ppo_response", "ppo_reward", "ppo_gold", "ppo_kl", "ppo_oracle",
-        "grpo_response", "grpo_reward", "grpo_gold", "grpo_kl", "grpo_oracle",
-        "dpo_response", "dpo_reward", "dpo_gold", "dpo_kl", "dpo_oracle",
+        "ppo_response", "ppo_reward", "ppo_gold", "ppo_kl", "ppo_kl_ref", "ppo_oracle",
+        "grpo_response", "grpo_reward", "grpo_gold", "grpo_kl", "grpo_kl_ref", "grpo_oracle",
+        "dpo_response", "dpo_reward", "dpo_gold", "dpo_kl", "dpo_kl_ref", "dpo_oracle",
     ]  # fmt: skip
     assert len(table) == 40
     assert list(sheets["summary"].columns) == [
-        "model", "reward_mean", "reward_ci_low", "reward_ci_high", "beats_base_share", "kl_mean",
-        "gold_mean", "gold_ci_low", "gold_ci_high",
+        "model", "reward_mean", "reward_ci_low", "reward_ci_high", "beats_base_share", "beats_sft_share", "kl_mean",
+        "reference", "kl_ref_mean", "gold_mean", "gold_ci_low", "gold_ci_high",
         "distinct_share", "length_mean", "train_time_s", "train_tokens", "train_peak_mb",
         "oracle_good", "oracle_good_ci_low", "oracle_good_ci_high", "oracle_gain_ci_low", "oracle_gain_ci_high",
-        "oracle_off_topic", "oracle_courtesy_only", "oracle_refusal", "oracle_rude", "oracle_harmful",
+        "oracle_gain_over_sft_ci_low", "oracle_gain_over_sft_ci_high", "oracle_off_topic", "oracle_courtesy_only", "oracle_refusal", "oracle_rude", "oracle_harmful",
         "oracle_incoherent", "oracle_empty",
     ]  # fmt: skip
     assert "the generator's oracle" in proc.stdout and "oracle_good" in proc.stdout
@@ -303,6 +336,9 @@ def test_evaluate_end_to_end_tiny(eval_work):
     np.testing.assert_allclose(oracle_shares.sum(axis=1), 1.0)  # good + every other label: all replies
     np.testing.assert_allclose(table["ppo_reward"], table["base_reward"], atol=1e-6)
     assert table["ppo_kl"].abs().max() < 1e-4
+    # no args.json says init_from sft here: each policy's reference is base, its KL to it the KL to base
+    assert list(summary.reference.fillna("")) == ["", "base", "base", "base"]
+    np.testing.assert_array_equal(table["dpo_kl_ref"], table["dpo_kl"])
     # a perturbed copy drifts: a positive mean KL (the per-sample estimate may dip below 0)
     assert summary.loc["dpo", "kl_mean"] > summary.loc["grpo", "kl_mean"] > 0.1
 
@@ -326,7 +362,7 @@ def test_evaluate_end_to_end_tiny(eval_work):
     assert list(frontier.columns) == [
         "method", "step", "n", "kl", "sqrt_kl", "proxy_mean", "proxy_ci_low", "proxy_ci_high", "gold_mean",
         "gold_ci_low", "gold_ci_high", "oracle_good", "oracle_good_ci_low", "oracle_good_ci_high",
-        "distinct_share", "length_mean",
+        "distinct_share", "length_mean", "start",
     ]  # fmt: skip
     assert list(frontier.method) == ["base", "ppo", "ppo", "ppo", "dpo", *["best_of_n"] * 3]
     assert list(frontier.step.fillna(-1)) == [0, 3, 7, 10, -1, -1, -1, -1]
@@ -367,7 +403,8 @@ def test_missing_policies_are_reported_and_left_out(eval_work, tmp_path, capsys)
     assert f"{work / DPO_DIR} not found: dpo is left out of the evaluation" in out
     table = pd.read_excel(work / "rlhf_eval_results_with_base.xlsx", sheet_name="results")
     assert list(table.columns) == [
-        "prompt", "base_response", "base_reward", "base_oracle", "grpo_response", "grpo_reward", "grpo_kl", "grpo_oracle"
+        "prompt", "base_response", "base_reward", "base_oracle", "grpo_response", "grpo_reward", "grpo_kl", "grpo_kl_ref",
+        "grpo_oracle",
     ]  # fmt: skip
     # a rerun gives the same table (and keeps the first one as .prev)
     main(parse_args(Args, TINY, argv))

@@ -300,8 +300,8 @@ def test_notebook_with_two_local_judges(eval_outputs, tmp_path, monkeypatch, ser
     for p in ("ppo", "dpo"):
         assert (table.xs(p, level="policy")["identical"] == identical[p]).all(), (p, identical)
     # each new judgement once, plus the 429's retry and the invalid answer's second asking
-    assert f"judge fake-gpt: 12 prompts x 2 policies x 2 orders; {2 * pairs + 2} API requests made" in text
-    assert f"judge fake-position: 12 prompts x 2 policies x 2 orders; {2 * pairs} API requests made" in text
+    assert f"judge fake-gpt: 12 prompts x 2 pairs of models x 2 orders; {2 * pairs + 2} API requests made" in text
+    assert f"judge fake-position: 12 prompts x 2 pairs of models x 2 orders; {2 * pairs} API requests made" in text
     (t0, _, limited), *rest = server.requests
     assert any(body == limited and t - t0 >= 0.2 for t, _, body in rest)  # asked again after the backoff
     assert any("\n=1+1 is two \x07\n" in body["messages"][1]["content"] for _, _, body in server.requests)
@@ -327,12 +327,38 @@ def test_notebook_with_two_local_judges(eval_outputs, tmp_path, monkeypatch, ser
         0.0, abs=1e-12
     )  # a judge that always says tie agrees no more than chance
     assert (work / "judge_win_rates.png").stat().st_size > 5000
-    assert "; judge fake-gpt: wins " in text and "; judge fake-position: wins 0% [" in text  # the verdict
+    assert "; judge fake-gpt against base: wins " in text and "; judge fake-position against base: wins 0% [" in text
 
     # a rerun takes every judgement from the cache: no request at all
     served = len(server.requests)
     text = execute_notebook(work, monkeypatch, **env)
     assert text.count(" 0 API requests made") == 2 and len(server.requests) == served
+
+    # with an SFT model in the evaluation, it is judged against base and each RL policy against it too
+    from evaluate_models import write_xlsx
+
+    xlsx = work / "rlhf_eval_results_with_base.xlsx"
+    sheets = pd.read_excel(xlsx, sheet_name=None, keep_default_na=False)
+    sft_replies = [r["base_response"] + " Enjoy." for r in records]  # longer than base's: fake-gpt prefers it
+    sheets["results"] = sheets["results"].assign(
+        sft_response=sft_replies, sft_reward=sheets["results"].base_reward, sft_kl=0.5, sft_kl_ref=0.5
+    )
+    summary = sheets["summary"]
+    sheets["summary"] = pd.concat([summary, summary[summary.model == "base"].assign(model="sft")], ignore_index=True)
+    (work / "judge_win_rates.csv").unlink()
+    write_xlsx(xlsx, sheets["results"], sheets["summary"])
+    jsonl.write_text(
+        "".join(json.dumps(r | {"sft_response": reply}) + "\n" for r, reply in zip(records, sft_replies)), "utf-8"
+    )
+    text = execute_notebook(work, monkeypatch, RLHF_JUDGE_MODELS="fake-gpt")
+    rates = pd.read_csv(work / "judge_win_rates.csv").set_index(["judge", "policy", "against"])
+    assert sorted(rates.index) == sorted(
+        [("fake-gpt", p, o) for p, o in [("sft", "base"), ("ppo", "base"), ("ppo", "sft"), ("dpo", "base"),
+                                         ("dpo", "sft")]]
+    )  # fmt: skip
+    assert rates.loc[("fake-gpt", "sft", "base"), "win_rate"] == 1.0  # always the longer reply
+    assert rates.loc[("fake-gpt", "ppo", "sft"), "loss_rate"] == 1.0  # PPO's replies are base's here: shorter
+    assert "policies evaluated: sft, ppo, dpo" in text and "; judge fake-gpt against sft: wins 0% [" in text
 
     # the key went to the server only: no file in the work dir holds it
     for path in work.rglob("*"):

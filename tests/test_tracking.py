@@ -25,6 +25,7 @@ from lifecycle import (
     PPO_DIR,
     PROCESSED_DIR,
     REWARD_MODEL_DIR,
+    SFT_DIR,
     UserError,
     parse_args,
 )
@@ -36,7 +37,7 @@ DPO_QUICK += ["--per_device_train_batch_size", 4, "--max_steps", 4, "--eval_step
 
 def test_every_training_run_logs_metrics_jsonl_to_tensorboard(tiny_reward_dir, tiny_pipeline):
     runs = {"reward_model": tiny_reward_dir / "runs" / "reward_model"}
-    runs |= {name: tiny_pipeline / "runs" / name for name in ("gold_reward_model", "ppo", "grpo", "dpo")}
+    runs |= {name: tiny_pipeline / "runs" / name for name in ("gold_reward_model", "sft", "ppo", "grpo", "dpo")}
     for name, run_dir in runs.items():
         records = reporting.read_metrics(run_dir / "metrics.jsonl")
         scalars = tensorboard_scalars(run_dir / lifecycle.TENSORBOARD_DIR)
@@ -215,6 +216,7 @@ def test_trackio_when_not_installed_is_refused_before_any_work(tmp_path):
 
 
 METHODS = {
+    SFT_DIR: "sft",
     REWARD_MODEL_DIR: "reward_model",
     GOLD_REWARD_MODEL_DIR: "reward_model",
     PPO_DIR: "ppo",
@@ -223,6 +225,7 @@ METHODS = {
     DPO_DIR: "dpo",
 }
 CARDS = {  # folder: (method tag, title start, whether evaluate_models.py adds its summary row)
+    SFT_DIR: ("sft", "SFT model from tiny_gpt2", True),
     REWARD_MODEL_DIR: ("reward-model", "reward model from tiny_gpt2", False),
     GOLD_REWARD_MODEL_DIR: ("reward-model", "gold reward model from tiny_gpt2", False),
     PPO_DIR: ("ppo", "PPO policy from tiny_gpt2", True),
@@ -266,8 +269,9 @@ def test_every_model_folder_has_a_card_with_its_own_figures(tiny_pipeline):
         assert (reporting.EVALUATION_HEADING in card.text) == evaluated, folder
         if evaluated:
             name = {GRPO_BEST_DIR: "grpo"}.get(folder, folder.split("_")[0])
+            shown = list(dict.fromkeys(["base", "sft", name]))  # a policy's card: base, the SFT model it started from
             for column in ("reward_mean", "kl_mean", "oracle_good"):
-                row = f"| `{column}` | {summary.loc['base', column]:.3f} | {summary.loc[name, column]:.3f} |"
+                row = f"| `{column}` | " + " | ".join(f"{summary.loc[m, column]:.3f}" for m in shown) + " |"
                 assert row in card.text, (folder, column)
     assert "--train_split gold_train" in ModelCard.load(tiny_pipeline / GOLD_REWARD_MODEL_DIR / "README.md").text
 
