@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
-STAGES=(data sft reward gold ppo grpo dpo eval notebook)
+STAGES=(data reward sft gold ppo grpo dpo eval notebook) # in this order when two are ready at once
 declare -A SCRIPT=([data]=data_process.py [sft]=SFT_training.py [reward]=reward_model_training.py
   [gold]=reward_model_training.py
   [ppo]=PPO_training.py [grpo]=GRPO_training.py [dpo]=DPO_training.py [eval]=evaluate_models.py
@@ -18,10 +18,10 @@ usage() {
 Usage: bash run_pipeline.sh [--FLAG VALUE ...] [--STAGE.FLAG VALUE ...] [--from STAGE | --only STAGE]
                             [--skip STAGE] [--jobs N]
 
-Runs data_process.py, SFT_training.py, reward_model_training.py (the proxy reward model, then the gold
-one where processed_data/ has a gold_train split), PPO_training.py, GRPO_training.py, DPO_training.py
-and evaluate_models.py (stages: data sft reward gold ppo grpo dpo eval), and stops at the first that
-fails. PPO, GRPO and DPO start from the SFT model (their --init_from auto).
+Runs data_process.py, reward_model_training.py (the proxy reward model), SFT_training.py, the gold
+reward model (where processed_data/ has a gold_train split), PPO_training.py, GRPO_training.py,
+DPO_training.py and evaluate_models.py (stages: data reward sft gold ppo grpo dpo eval), and stops at
+the first that fails. PPO, GRPO and DPO start from the SFT model (their --init_from auto).
 The stage `notebook` (only when named: --only notebook) executes analysis_notebook.ipynb on the
 work dir's evaluation with nbconvert and saves it, outputs and figures, into --work_dir.
 

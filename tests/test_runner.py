@@ -37,8 +37,8 @@ def test_flags_go_to_every_stage_and_dotted_ones_to_one(tmp_path):
     common = f"--preset tiny --work_dir {tmp_path}"
     assert stage_lines(proc) == [
         f"data_process.py {common} --seed 1",
-        f"SFT_training.py {common} --seed 1",
         f"reward_model_training.py {common} --seed 1",
+        f"SFT_training.py {common} --seed 1",
         f"reward_model_training.py {common} --seed 1 --train_split gold_train --max_steps 7",
         f"PPO_training.py {common} --seed 1 --total_steps 5",
         f"GRPO_training.py {common} --seed 1",
@@ -77,7 +77,7 @@ def test_skip_sft_runs_the_seeds_pipeline_with_the_policies_from_base(tmp_path):
     proc = pipeline("--work_dir", tmp_path, "--skip=gold", "--skip", "eval", "--from", "ppo")
     assert [line.split()[0] for line in stage_lines(proc)] == ["PPO_training.py", "GRPO_training.py", "DPO_training.py"]
     proc = pipeline("--skip", "sfft")
-    assert proc.returncode == 2 and "--skip: unknown stage 'sfft' (stages: data sft reward" in proc.stderr
+    assert proc.returncode == 2 and "--skip: unknown stage 'sfft' (stages: data reward sft" in proc.stderr
 
 
 def test_the_notebook_without_an_evaluation_is_one_line_and_runs_nothing(tmp_path):
@@ -94,7 +94,7 @@ def test_the_notebook_without_an_evaluation_is_one_line_and_runs_nothing(tmp_pat
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--only", "rlhf"], "--only: unknown stage 'rlhf' (stages: data sft reward gold ppo grpo dpo eval notebook)"),
+        (["--only", "rlhf"], "--only: unknown stage 'rlhf' (stages: data reward sft gold ppo grpo dpo eval notebook)"),
         (["--jobs", "0"], "--jobs needs a positive number of stages, got '0'"),
         (["--from"], "--from needs a stage"),
         (["--rm.max_steps", "2"], "--rm.max_steps: unknown stage 'rm'"),
@@ -266,15 +266,15 @@ def test_ctrl_c_stops_the_stages_running_beside_each_other(tmp_path):
         env={**env, "PYTHON": str(fake)},
     )
     deadline = time.time() + 30
-    while not (events.is_file() and len(events.read_text().split()) == 2):  # reward and dpo (no gold split)
+    while not (events.is_file() and len(events.read_text().split()) == 2):  # reward and sft (no gold split)
         assert time.time() < deadline and runner.poll() is None, runner.communicate()
         time.sleep(0.05)
     runner.send_signal(signal.SIGINT)
     out, err = runner.communicate(timeout=30)
     assert runner.returncode == 130, err
-    assert "run_pipeline.sh: interrupted; stopped reward dpo" in err
+    assert "run_pipeline.sh: interrupted; stopped reward sft" in err
     assert "  reward: interrupted: reward_model_training.py can --resume" in err
-    assert "  dpo: interrupted: DPO_training.py can --resume" in err
+    assert "  sft: interrupted: SFT_training.py can --resume" in err
     for pid in map(int, events.read_text().split()):
         with pytest.raises(ProcessLookupError):  # the stage is gone, not orphaned
             os.kill(pid, 0)
