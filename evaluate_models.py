@@ -521,6 +521,9 @@ def plot_frontier(path, table):
                     yerr=[path_points[key] - path_points[f"{ci}_ci_low"], path_points[f"{ci}_ci_high"] - path_points[key]],
                     marker="o", ms=4, capsize=2, color=f"C{i + 1}", label=method,
                 )  # fmt: skip
+        sft = table[table.method == "sft"]
+        if len(sft):  # the policies' start, on top of the lines that pass through it
+            ax.scatter(sft.sqrt_kl, sft[key], marker="*", s=160, color="C1", edgecolor="black", zorder=4)
         bon = table[table.method == "best_of_n"]
         if len(bon):
             ax.plot(bon.sqrt_kl, bon[key], "k--", marker="s", ms=4, label="best-of-N from base")
