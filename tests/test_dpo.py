@@ -16,6 +16,7 @@ from conftest import (
 )
 from safetensors.torch import load_file
 
+import common
 import DPO_training as dpo
 import lifecycle
 import reporting
@@ -75,11 +76,11 @@ def test_reply_tokens_are_the_joined_texts_tokens_after_the_prompt(tokenizer, ti
 
 def test_build_sequence_cuts_the_prompt_from_the_left_and_a_long_reply_from_the_right():
     eos = 0
-    ids, mask = dpo.build_sequence([1, 2, 3, 4, 5], [6, 7], eos, max_seq_len=5)
+    ids, mask = common.build_sequence([1, 2, 3, 4, 5], [6, 7], eos, max_seq_len=5)
     assert ids == [4, 5, 6, 7, eos] and mask == [0, 0, 1, 1, 1]  # the prompt keeps its end
-    ids, mask = dpo.build_sequence([1, 2, 3], [6, 7, 8, 9, 10], eos, max_seq_len=4)
+    ids, mask = common.build_sequence([1, 2, 3], [6, 7, 8, 9, 10], eos, max_seq_len=4)
     assert ids == [3, 6, 7, 8] and mask == [0, 1, 1, 1]  # one prompt token left; the reply loses its tail and EOS
-    ids, mask = dpo.build_sequence([1, 2], [6], eos, max_seq_len=512)
+    ids, mask = common.build_sequence([1, 2], [6], eos, max_seq_len=512)
     assert ids == [1, 2, 6, eos] and mask == [0, 0, 1, 1]
 
 

@@ -191,9 +191,6 @@ def test_each_policy_starts_from_the_sft_model_and_keeps_it_as_its_reference(scr
     script.main(tiny_args(work, *argv, script=script))
     assert loaded and set(loaded) == {str(work / SFT_DIR)}  # the policy and its reference (GRPO: a copy)
     assert json.loads((work / folder / "args.json").read_text())["init_from"] == "sft"
-    loaded.clear()
-    script.main(tiny_args(work, *argv, "--init_from", "base", script=script))
-    assert set(loaded) == {str(lifecycle.TINY_MODEL_DIR.resolve())}
 
 
 def test_init_from_base_beside_an_sft_model_trains_what_a_work_dir_without_one_does(sft_work, tmp_path):
