@@ -61,6 +61,7 @@ from transformers import get_linear_schedule_with_warmup
 from common import (
     EpochShuffle,
     adamw,
+    check_positions,
     collate_pairs,
     disable_dropout,
     freeze,
@@ -381,10 +382,7 @@ def main(args):
     ref_model = freeze(load_causal_lm(start, tokenizer).to(accelerator.device))
     disable_dropout(policy)
     disable_dropout(ref_model)
-    check(
-        args.max_seq_len <= policy.config.max_position_embeddings,
-        f"--max_seq_len {args.max_seq_len} exceeds the model's {policy.config.max_position_embeddings} positions",
-    )
+    check_positions(policy.config, args.max_seq_len, "--max_seq_len")
 
     # optimiser: AdamW, linear warm-up then linear decay to 0
     num_processes = accelerator.num_processes

@@ -52,8 +52,10 @@ from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from common import (
+    PROMPT_AND_REPLY,
     AdaptiveKLController,
     adamw,
+    check_positions,
     freeze,
     generate_responses,
     get_reward,
@@ -370,8 +372,10 @@ def main(args):
     start = start_model(args, run_dir, is_main)
     tokenizer = load_tokenizer(args.model)
     policy = load_causal_lm(start, tokenizer)
+    check_positions(policy.config, args.max_prompt_length + args.max_new_tokens, PROMPT_AND_REPLY)
     reference = freeze(copy.deepcopy(policy).to(device))
     reward_model, reward_tokenizer = load_reward_model(args.work_dir, device, args)
+    check_positions(reward_model.config, args.reward_max_length, "--reward_max_length")
     policy.eval()  # dropout off: the loss's log-probs are those of the policy that sampled
     optimizer = adamw(policy.parameters(), args.learning_rate, args.weight_decay, accelerator.device)
     policy, optimizer = accelerator.prepare(policy, optimizer)

@@ -65,9 +65,11 @@ from tqdm import tqdm
 from transformers.utils import ModelOutput
 
 from common import (
+    PROMPT_AND_REPLY,
     AdaptiveKLController,
     FP32Linear,
     adamw,
+    check_positions,
     freeze,
     generate_responses,
     get_reward,
@@ -463,14 +465,10 @@ def main(args):
     start = start_model(args, run_dir, is_main)
     tokenizer = load_tokenizer(args.model)
     model = PolicyWithValueHead(load_causal_lm(start, tokenizer))
-    n_positions = getattr(model.policy.config, "n_positions", None)
-    check(
-        n_positions is None or args.max_prompt_length + args.max_new_tokens <= n_positions,
-        f"--max_prompt_length + --max_new_tokens ({args.max_prompt_length + args.max_new_tokens}) exceed the "
-        f"model's {n_positions} positions",
-    )
+    check_positions(model.policy.config, args.max_prompt_length + args.max_new_tokens, PROMPT_AND_REPLY)
     ref_model = freeze(load_causal_lm(start, tokenizer).to(device))
     reward_model, rm_tokenizer = load_reward_model(args.work_dir, device, args)
+    check_positions(reward_model.config, args.reward_max_length, "--reward_max_length")
     model.eval()  # dropout off for good: rollout and update must see the same policy
     optimizer = adamw(model.parameters(), args.learning_rate, args.weight_decay, accelerator.device)
     kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)

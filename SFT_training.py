@@ -43,6 +43,7 @@ from transformers import get_linear_schedule_with_warmup
 from common import (
     EpochShuffle,
     adamw,
+    check_positions,
     collate_pairs,
     disable_dropout,
     load_causal_lm,
@@ -197,10 +198,7 @@ def main(args):
     # the model: the base causal LM, dropout off
     model = load_causal_lm(resolve_model_name(args.model), tokenizer)
     disable_dropout(model)
-    check(
-        args.max_seq_len <= model.config.max_position_embeddings,
-        f"--max_seq_len {args.max_seq_len} exceeds the model's {model.config.max_position_embeddings} positions",
-    )
+    check_positions(model.config, args.max_seq_len, "--max_seq_len")
 
     # optimiser: AdamW, linear warm-up (none by default) then linear decay to 0
     num_processes = accelerator.num_processes

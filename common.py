@@ -323,7 +323,7 @@ def load_processed_data(args, same_tokenizer=False):
 
 
 def load_tokenizer(name_or_path):
-    """GPT-2 tokenizer as every script uses it: EOS as pad, left padding, left truncation.
+    """The base model's tokenizer as every script uses it: EOS as pad, left padding, left truncation.
 
     Left truncation keeps a long conversation's final turn (its start is lost instead);
     `save_pretrained` records both sides, so whoever loads a saved model gets them too.
@@ -334,6 +334,9 @@ def load_tokenizer(name_or_path):
         raise UserError(
             f"--model {name_or_path}: cannot load a tokenizer from it ({first_line(e)}){OFFLINE_HINT * offline()}"
         ) from None
+    check(
+        tokenizer.eos_token is not None, f"--model {name_or_path}: its tokenizer has no EOS token to end replies with"
+    )
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"
@@ -371,6 +374,19 @@ def fp32_head(head):
     if type(head) is torch.nn.Linear:
         head.__class__ = FP32Linear
     return head
+
+
+PROMPT_AND_REPLY = "--max_prompt_length + --max_new_tokens"
+
+
+def check_positions(config, tokens, what):
+    """A one-line error when `what` needs more positions (`tokens`) than the model has (`max_position_embeddings`:
+    GPT-2's n_positions, a Llama's or Qwen2's context length): GPT-2 would index past its position table, a rotary
+    model would read positions it never trained on."""
+    positions = getattr(config, "max_position_embeddings", None)
+    check(
+        positions is None or tokens <= positions, f"{what} ({tokens} tokens) exceeds the model's {positions} positions"
+    )
 
 
 def load_causal_lm(name_or_path, tokenizer):
@@ -685,6 +701,53 @@ def response_mask_from_eos(response_ids, eos_token_id):
     return (~after_first_eos).long()
 
 
+# A reply that writes one of these has begun a new turn of the conversation (an instruct model in the hh
+# "Human:/Assistant:" format rarely emits its EOS and writes the user's next line itself): it ends there.
+NEW_TURNS = (HUMAN, ASSISTANT)
+
+
+def _turn_stop(tokenizer):
+    """`generate`'s stopping criterion for NEW_TURNS, built once per tokenizer (it indexes the whole vocabulary)."""
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    if "_turn_stop" not in tokenizer.__dict__:
+        tokenizer.__dict__["_turn_stop"] = StopStringCriteria(tokenizer, list(NEW_TURNS))
+    return tokenizer.__dict__["_turn_stop"]
+
+
+def end_at_new_turns(response_ids, tokenizer):
+    """Replies cut where they begin a new turn, the turn's first token replaced by EOS and what follows by padding
+    (EOS): in place on `response_ids` (B, R). Returns each row's reply text (stripped).
+
+    From here on such a reply *is* one that ended with EOS: its mask, its reward (read on the text before the new
+    turn), `response/eos_share` and its length are an EOS-ended reply's, and training raises the log-prob of EOS
+    where the policy began a new turn (the end of its reply, as OpenRLHF appends EOS to replies a stop string
+    ended). The text is decoded from the kept tokens, so what the reward model reads is what the policy wrote.
+    """
+    texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+    is_eos = response_ids == tokenizer.eos_token_id
+    ends = torch.where(is_eos.any(1), is_eos.long().argmax(1), response_ids.shape[1]).tolist()  # first EOS or R
+    for row, text in enumerate(texts):
+        if not any(turn in text for turn in NEW_TURNS):
+            continue
+        text = tokenizer.decode(response_ids[row, : ends[row]], skip_special_tokens=True)  # before its own EOS
+        starts = [i for i in (text.find(turn) for turn in NEW_TURNS) if i >= 0]
+        if not starts:
+            texts[row] = text
+            continue
+        # the first token whose decoded prefix reaches the new turn's first character (prefix lengths grow with k)
+        lo, hi = 0, ends[row] - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(tokenizer.decode(response_ids[row, : mid + 1], skip_special_tokens=True)) > min(starts):
+                hi = mid
+            else:
+                lo = mid + 1
+        response_ids[row, lo:] = tokenizer.eos_token_id
+        texts[row] = tokenizer.decode(response_ids[row, :lo], skip_special_tokens=True)
+    return [text.strip() for text in texts]
+
+
 @dataclass
 class Samples:
     """A batch of sampled responses; row i answers prompts[i // num_return_sequences]."""
@@ -790,6 +853,7 @@ def generate_responses(
             num_return_sequences=num_return_sequences,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
+            stopping_criteria=[_turn_stop(tokenizer)],  # a row that began a new turn stops (cut below)
             **sampling,
         )
     context_length = enc["input_ids"].shape[1]
@@ -797,16 +861,16 @@ def generate_responses(
     # the columns --compile_generation added hold padding only: the samples leave without them, so the log-probs,
     # scores and updates that follow compute no more than the eager path's (positions come from the mask)
     enc = {k: v[:, context_length - longest :] for k, v in enc.items()}
-    response_mask = response_mask_from_eos(response_ids, tokenizer.eos_token_id)
     # After its first EOS a finished row holds only pad (= EOS) tokens, which decoding skips.
-    texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+    texts = end_at_new_turns(response_ids, tokenizer)
+    response_mask = response_mask_from_eos(response_ids, tokenizer.eos_token_id)
     return Samples(
         query_ids=enc["input_ids"].repeat_interleave(num_return_sequences, 0),
         query_mask=enc["attention_mask"].repeat_interleave(num_return_sequences, 0),
         response_ids=response_ids,
         response_mask=response_mask,
         prompts=[p for p in prompts for _ in range(num_return_sequences)],
-        responses=[t.strip() for t in texts],
+        responses=texts,
     )
 
 

@@ -3,7 +3,7 @@
 For a seeded sample of test prompts from `processed_data/` (150 by default), the base
 model and every trained policy that exists (`ppo_rlhf_model/`, `grpo_best/`,
 `dpo_rlhf_model/`) each sample one reply with the same decoding settings (batched,
-KV-cached, `top_k=0`, stopped at EOS). Then, per model:
+KV-cached, `top_k=0`, stopped at EOS or at a new turn). Then, per model:
 
 1. score every (prompt, reply) with `final_reward_model/` (`common.get_reward`, exactly
    as the reward model was trained and as PPO/GRPO scored their rollouts);
@@ -69,6 +69,8 @@ import torch
 from tqdm import tqdm
 
 from common import (
+    PROMPT_AND_REPLY,
+    check_positions,
     freeze,
     generate_responses,
     get_reward,
@@ -110,7 +112,9 @@ class Args(CommonArgs, GenerationArgs):
     num_prompts: int = field(default=150, metadata={"help": "test prompts sampled (seeded) from processed_data/"})
     max_prompt_length: int = field(default=256, metadata={"help": "prompt tokens kept, truncated from the left"})
     # decoding (the same for every model)
-    max_new_tokens: int = field(default=64, metadata={"help": "reply tokens sampled at most (stops at EOS)"})
+    max_new_tokens: int = field(
+        default=64, metadata={"help": "reply tokens sampled at most (stops at EOS or where a new turn begins)"}
+    )
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (the KL uses the same one)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold (1.0 = the full distribution)"})
     batch_size: int = field(default=32, metadata={"help": "prompts per generate call and per scoring pass"})
@@ -703,15 +707,8 @@ def main(args):
     reward_model, rm_tokenizer = load_reward_model(work_dir, device, args)
     tokenizer = load_tokenizer(args.model)
     base = freeze(load_causal_lm(resolve_model_name(args.model), tokenizer).to(device))
-    positions = base.config.max_position_embeddings
-    check(
-        args.max_prompt_length + args.max_new_tokens <= positions,
-        f"--max_prompt_length + --max_new_tokens must fit the base model's {positions} positions",
-    )
-    check(
-        args.reward_max_length <= reward_model.config.max_position_embeddings,
-        f"--reward_max_length must fit the reward model's {reward_model.config.max_position_embeddings} positions",
-    )
+    check_positions(base.config, args.max_prompt_length + args.max_new_tokens, PROMPT_AND_REPLY)
+    check_positions(reward_model.config, args.reward_max_length, "--reward_max_length")
     policies = {}
     for name, folder in POLICY_DIRS.items():
         if (work_dir / folder / "config.json").is_file():

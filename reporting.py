@@ -267,6 +267,42 @@ def trainer_tracking(args, run_dir, run_name, resume_step, is_main):
 BASE_LICENSES = {"gpt2": "mit", "gpt2-medium": "mit", "gpt2-large": "mit", "gpt2-xl": "mit", "distilgpt2": "apache-2.0"}
 BASE_LICENSES |= {f"openai-community/{name}": license for name, license in BASE_LICENSES.items()}
 BASE_LICENSES["tiny_gpt2"] = "mit"  # assets/tiny_gpt2: GPT-2's architecture and tokenizer, randomly initialised
+# model families by hub id prefix (each model card on the Hub says so)
+FAMILY_LICENSES = {
+    "HuggingFaceTB/SmolLM2-": "apache-2.0",
+    "EleutherAI/pythia-": "apache-2.0",
+    "Qwen/Qwen2.5-0.5B": ("apache-2.0"),
+    "Qwen/Qwen2.5-1.5B": "apache-2.0",
+    "Qwen/Qwen2-0.5B": "apache-2.0",
+}
+
+
+def base_model_card(base):
+    """What a model card says about its base: (hub id or None, licence). A hub id's licence comes from the known
+    ones above; a local folder's from its own README.md's metadata (assets/get_smollm2.py writes one with the hub
+    model it holds), "other" when nothing says."""
+    from huggingface_hub import ModelCard
+
+    if not Path(base).exists():
+        family = next((lic for prefix, lic in FAMILY_LICENSES.items() if base.startswith(prefix)), "other")
+        return base, BASE_LICENSES.get(base, family)
+    readme = Path(base) / "README.md"
+    try:
+        data = ModelCard.load(readme).data if readme.is_file() else None
+    except (OSError, ValueError):  # a README without metadata or with bad YAML says nothing
+        data = None
+    hub_id = getattr(data, "base_model", None) if data else None
+    license = getattr(data, "license", None) if data else None
+    return hub_id if isinstance(hub_id, str) else None, license or BASE_LICENSES.get(Path(base).name, "other")
+
+
+def model_type(folder):
+    """The architecture of a saved model folder (config.json's model_type: gpt2, llama, qwen2...), or None."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text())["model_type"]
+    except (OSError, ValueError, KeyError):
+        return None
+
 
 PAPERS = {
     "hh-rlhf": "[Bai et al. (2022), Training a Helpful and Harmless Assistant with RLHF](https://arxiv.org/abs/2204.05862)",
@@ -358,15 +394,17 @@ def command_line(script, args, tiny=None):
     return shlex.join(words)
 
 
-def model_card(method, args, results, script, tiny=None, curves=None, title=None, note=""):
+def model_card(method, args, results, script, tiny=None, curves=None, title=None, note="", architecture=None):
     """The model folder's README.md, a Hugging Face model card (`huggingface_hub.ModelCard`): metadata, what the
-    model is, its method and paper, the command and settings that made it, its eval_results.json, its curves."""
+    model is, its method and paper, the command and settings that made it, its eval_results.json, its curves.
+    `architecture` (the model's model_type) is a tag."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     name, task, tags, what, headline = CARDS[method]
     base = resolve_model_name(args.model)
     base_on_hub = not Path(base).exists()
     base_name = base if base_on_hub else Path(base).name  # a local folder: its name, never the path
+    base_hub_id, license = base_model_card(base)
     is_tiny = args.preset == "tiny" or base_name == TINY_MODEL_DIR.name
     stats_path = Path(args.work_dir) / PROCESSED_DIR / "stats.json"
     dataset = json.loads(stats_path.read_text())["dataset"] if stats_path.exists() else PRESETS[args.preset]["dataset"]
@@ -376,12 +414,12 @@ def model_card(method, args, results, script, tiny=None, curves=None, title=None
     flat = flatten(results)
     data = ModelCardData(
         model_name=title,
-        base_model=base_name if base_on_hub else None,  # the Hub refuses a card whose base or data is no hub id:
+        base_model=base_hub_id,  # the Hub refuses a card whose base or data is no hub id:
         datasets=[dataset] if on_hub else None,  # a local folder is named in the text instead
         library_name="transformers",
-        license=BASE_LICENSES.get(base_name, "other"),
+        license=license,
         pipeline_tag=task,
-        tags=[*tags, "gpt2", "hh-rlhf", *(["tiny-preset"] if is_tiny else [])],
+        tags=[*tags, *([architecture] if architecture else []), "hh-rlhf", *(["tiny-preset"] if is_tiny else [])],
         eval_results=[
             EvalResult(
                 task_type=task,
@@ -413,6 +451,8 @@ def model_card(method, args, results, script, tiny=None, curves=None, title=None
     base_text = (
         f"[{base_name}](https://huggingface.co/{base_name})" if base_on_hub else f"the local model `{base_name}`"
     )
+    if base_hub_id and not base_on_hub:
+        base_text += f" (a copy of [{base_hub_id}](https://huggingface.co/{base_hub_id}))"
     body += [
         "## Method",
         "",
@@ -445,8 +485,9 @@ def model_card(method, args, results, script, tiny=None, curves=None, title=None
 
 
 def card_writer(*card_args, **card_kwargs):
-    """For save_pretrained_atomic's `extra`: writes the model card into the folder being saved."""
-    return lambda path: model_card(*card_args, **card_kwargs).save(path)
+    """For save_pretrained_atomic's `extra`: writes the model card into the folder being saved (its config.json, saved
+    first, names the architecture)."""
+    return lambda path: model_card(*card_args, architecture=model_type(path.parent), **card_kwargs).save(path)
 
 
 def add_evaluation_to_card(folder, table, command):

@@ -60,6 +60,7 @@ from transformers.trainer_callback import ExportableState, ProgressCallback
 from transformers.utils import logging as hf_logging
 
 from common import (
+    check_positions,
     fp32_head,
     fused_activation,
     load_processed_data,
@@ -409,6 +410,8 @@ def main(args):
         print(f"a reward model: {args.model} with a new score head (a linear layer to one number, random at first)")
     if processes.is_main_process and torch.cuda.is_available():
         print(f"precision: {precision()[1]}")
+    built = json.loads((Path(args.work_dir) / PROCESSED_DIR / "stats.json").read_text())["max_length"]
+    check_positions(model.config, built, f"{PROCESSED_DIR}'s --max_length")
     model.config.pad_token_id = tokenizer.pad_token_id
     fp32_head(model.score)  # the score in fp32 under autocast, as every script reads it
 

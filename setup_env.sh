@@ -24,7 +24,7 @@ fi
 source "$VENV/bin/activate"
 
 stamp="$VENV/.rlhf-requirements"
-wanted=$(cat requirements.txt requirements-dev.txt | cksum)  # POSIX: Linux and macOS alike
+wanted=$(cat requirements.txt requirements-gguf.txt requirements-dev.txt | cksum)  # POSIX: Linux and macOS alike
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   if torch_now=$(python -c 'import torch; print(torch.__version__)' 2>/dev/null); then
     echo "setup: torch $torch_now is installed in $VENV: kept"

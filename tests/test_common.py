@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import SAMPLE
+from transformers import StoppingCriteria
 
 import common
 import lifecycle
@@ -197,6 +198,71 @@ def test_response_mask_keeps_the_first_eos_and_drops_what_follows():
     ids = torch.tensor([[5, 6, eos, eos, eos], [5, eos, 7, eos, 8], [5, 6, 7, 8, 9], [eos, eos, 1, 1, 1]])
     expected = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
     assert torch.equal(response_mask_from_eos(ids, eos), expected)
+
+
+def scripted_lm(tokenizer, prompt, script):
+    """A GPT-2 that writes the token ids `script` after `prompt`, whatever it samples: its blocks are silenced and
+    its token embedding zero, so its output depends on the position alone (one-hot position embeddings), and the
+    head gives each position's next script token a logit of about +200 (sampling cannot pick another)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    start = len(tokenizer(prompt)["input_ids"])
+    n = start + len(script) + 4
+    model = GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=n, n_head=1, vocab_size=len(tokenizer), n_positions=n, tie_word_embeddings=False)
+    )
+    with torch.no_grad():
+        for parameter in model.transformer.h.parameters():
+            parameter.zero_()
+        model.transformer.wte.weight.zero_()
+        model.transformer.wpe.weight.copy_(torch.eye(n))
+        model.lm_head.weight.zero_()
+        for t, token in enumerate(script):
+            model.lm_head.weight[token, start - 1 + t] = 200 / n**0.5
+    return model.eval()
+
+
+@pytest.mark.parametrize("turn", ["\n\nHuman: And the next question?", "\n\nAssistant: I would add"])
+def test_a_reply_that_begins_a_new_turn_ends_there_as_with_eos(turn):
+    """An instruct model in the hh format writes the user's next turn itself: generation stops there, the reply is
+    cut before it and ends with EOS in place of the turn's first token (padding after), so its mask, text, length
+    and eos_share are an EOS-ended reply's; a reply that ends with its own EOS is untouched."""
+    tokenizer = common.load_tokenizer(str(lifecycle.TINY_MODEL_DIR))
+    eos, prompt = tokenizer.eos_token_id, "\n\nHuman: How do I boil an egg?\n\nAssistant:"
+    reply = tokenizer(" Put it in boiling water.")["input_ids"]
+    turn_ids = tokenizer(turn)["input_ids"]
+    model = scripted_lm(tokenizer, prompt, reply + turn_ids + tokenizer(" Thanks")["input_ids"])
+    samples = common.generate_responses(model, tokenizer, [prompt], 64, 40, num_return_sequences=2)
+    assert samples.responses == ["Put it in boiling water."] * 2
+    # stopped as soon as the new turn's marker was complete, not at max_new_tokens
+    marker = len(tokenizer(turn.split(":")[0] + ":")["input_ids"])
+    assert samples.response_ids.shape[1] == len(reply) + marker
+    want = reply + [eos] * marker
+    assert samples.response_ids.tolist() == [want] * 2
+    assert samples.response_mask.tolist() == [[1] * (len(reply) + 1) + [0] * (marker - 1)] * 2
+    assert (samples.response_ids == eos).any(1).all()  # what response/eos_share counts
+
+    ended = scripted_lm(tokenizer, prompt, reply + [eos] + turn_ids)  # its own EOS first: the turn is padding
+    samples = common.generate_responses(ended, tokenizer, [prompt], 64, 40)
+    assert samples.responses == ["Put it in boiling water."]
+    assert samples.response_ids.tolist() == [reply + [eos]]  # stopped at EOS, as before
+
+
+def test_a_new_turn_inside_a_token_cuts_before_that_token():
+    """Where one token holds the reply's last characters and the new turn's first (".\\n" in some vocabularies),
+    that token becomes the EOS and the text is decoded from the kept tokens: the reward model reads exactly what the
+    policy's tokens say. A turn at the very start leaves an empty reply; one after the reply's own EOS is padding."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<eos>", "Yes", ".\n", "\n", "Human:", " hi", "!"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<eos>"))
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+    ids = torch.tensor([[1, 6, 3, 3, 4, 5], [1, 2, 3, 4, 5, 0], [3, 3, 4, 5, 0, 0], [1, 0, 3, 3, 4, 5]])
+    texts = common.end_at_new_turns(ids, tokenizer)
+    assert texts == ["Yes!", "Yes", "", "Yes"]
+    assert ids.tolist() == [[1, 6, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0], [0] * 6, [1, 0, 3, 3, 4, 5]]
 
 
 def test_positions_and_last_token_under_both_paddings():
@@ -526,6 +592,11 @@ def test_the_evaluation_and_the_trainers_score_and_measure_one_sample_identicall
     assert (fp32_scores - torch.tensor(evaluation["reward"])).abs().max() > 1e-5  # bf16 was in force above
 
 
+class NeverStop(StoppingCriteria):
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def test_compiled_generation_gives_the_eager_samples(monkeypatch):
     """--compile_generation (a light backend on this CPU; inductor with CUDA graphs on a GPU): prompts padded to
     one width of COMPILE_PAD, the decode step compiled; the same tokens as the eager path under the same seed and
@@ -534,6 +605,7 @@ def test_compiled_generation_gives_the_eager_samples(monkeypatch):
 
     monkeypatch.setattr(common, "COMPILE_BACKEND", "eager")  # dynamo's graph capture without a compiler
     monkeypatch.setattr(common, "COMPILE_PAD", 16)
+    monkeypatch.setattr(common, "_turn_stop", lambda tokenizer: NeverStop())  # the integer "words" begin no turn
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300, n_positions=64)).eval()
 

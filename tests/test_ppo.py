@@ -200,7 +200,7 @@ def test_value_head_reads_the_state_lm_head_reads():
 def test_bad_settings_fail_with_one_line(work):
     with pytest.raises(UserError, match="--num_minibatches"):
         ppo.main(tiny_args(work, "--rollout_batch_size", 8, "--num_minibatches", 3))
-    with pytest.raises(UserError, match="exceed the model's 512 positions"):
+    with pytest.raises(UserError, match=r"--max_new_tokens \(564 tokens\) exceeds the model's 512 positions"):
         ppo.main(tiny_args(work, "--max_prompt_length", 500, "--max_new_tokens", 64))
     with pytest.raises(UserError, match="--resume: no checkpoint"):
         ppo.main(tiny_args(work, "--resume"))

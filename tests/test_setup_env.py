@@ -44,7 +44,7 @@ def test_a_new_environment_gets_torch_then_the_requirements_and_is_reused_after(
     out, calls = setup(venv)
     assert calls == ["-m pip install -q torch==2.13.0", "-m pip install -q -r requirements-dev.txt"]
     assert "setup: installing torch==2.13.0" in out and "setup: installing requirements-dev.txt" in out
-    both = ["cat", REPO / "requirements.txt", REPO / "requirements-dev.txt"]
+    both = ["cat", *(REPO / f"requirements{s}.txt" for s in ("", "-gguf", "-dev"))]
     wanted = subprocess.run(f"{shlex.join(map(str, both))} | cksum", shell=True, capture_output=True, text=True)
     assert (venv / ".rlhf-requirements").read_text() == wanted.stdout  # what it installed from
     (venv / "bin" / "calls").unlink()
