@@ -6,27 +6,32 @@ advantage is how much better the reward model scored it than its group's mean. P
 1. sample `group_size` replies to each of `rollout_batch_size` train prompts in one `generate`
    call (the prompt is tokenized once; `top_k=0`, `top_p`, `temperature`); a reply ends at its
    first EOS and every token after it is masked (pad is EOS; positions from the attention mask);
-2. score `join_conversation(prompt, reply)` with the frozen reward model (`final_reward_model/`);
-3. group-relative advantages (outcome supervision, §4.1.2): A_i = r_i - mean(r_group), divided by
-   std(r_group) + eps with `--scale_rewards`; a group whose scores are all equal gets A = 0 exactly.
-   Then, as the seed does, every advantage is divided by the std of all advantages in the batch
-   (`--normalize_advantages`; their mean is already 0, so zero-spread groups stay at 0). A reply's
-   advantage is given to each of its tokens;
-4. log-probs of the replies under the frozen reference (the base model);
+2. score `join_conversation(prompt, reply)` with the frozen reward model (`final_reward_model/`), or with
+   the mix of `--reward_funcs` (`common.RewardMix`: the gold reward model, the tiny world's oracle, a length
+   penalty, a function of your own; `--missing_eos_penalty`);
+3. log-probs of the replies under the frozen reference (the start model);
+4. group-relative advantages (outcome supervision, §4.1.2), a reply's advantage given to each of its tokens:
+   `--advantage grpo` A_i = r_i - mean(r_group) (rloo: minus the mean of the group's *other* replies;
+   reinforce_pp: REINFORCE++'s batch normalisation), then `--scale_rewards group+batch` (the seed's): divided by
+   std(r_group) + eps (DeepSeekMath), then by the std of every advantage in the batch; a group whose scores are
+   all equal gets A = 0 exactly (`group_advantages`). With `--kl_in reward` the rewards first lose beta x each
+   reply's summed log-ratio to the reference (the KL in the reward, as RLOO and REINFORCE++ place it);
 5. the loss, DeepSeekMath eq. 3: per response token
-       -min(ratio * A, clip(ratio, 1 - clip_range, 1 + clip_range) * A) + kl_coef * k3,
+       -min(ratio * A, clip(ratio, 1 - clip_range, 1 + epsilon_high) * A) + kl_coef * k3,
    with ratio = pi / pi_old and k3 = exp(ref - logp) - (ref - logp) - 1 >= 0, the unbiased KL
-   estimator of eq. 4; averaged over each reply's tokens, then over replies (eq. 3's
-   1/G sum_i 1/|o_i| sum_t), plus the seed's target-entropy term entropy_coef * (H - target_entropy)^2,
-   H = the mean per-token entropy averaged the same way;
-6. every `eval_every` steps, the mean reward on a fixed set of held-out validation prompts, sampled
-   as in training under a fixed seed (every evaluation sees the same prompts and the same noise); the
-   best-scoring policy is written to `grpo_best/` at the end, the final one to `grpo_rlhf_model/`;
+   estimator of eq. 4; `--loss_type grpo` (the seed's) averages over each reply's tokens, then over replies
+   (eq. 3's 1/G sum_i 1/|o_i| sum_t; bnpo, dr_grpo and dapo as in `aggregate`), plus the seed's
+   target-entropy term entropy_coef * (H - target_entropy)^2, H = the mean per-token entropy averaged per reply;
+6. every `eval_every` steps, the mean reward (the same `--reward_funcs`) on a fixed set of held-out
+   validation prompts, sampled as in training under a fixed seed (every evaluation sees the same prompts and
+   the same noise); the best-scoring policy is written to `grpo_best/` at the end, the final one to
+   `grpo_rlhf_model/` (`--run_name grpo_oracle`: `grpo_oracle_best/`, `grpo_oracle_rlhf_model/`);
    with `--snapshot_every N` (tiny: 8) a policy-only snapshot every N steps goes to
    `runs/grpo/snapshots/step-N/`, the points of evaluate_models.py's reward-KL frontier.
 
     python GRPO_training.py                                   # gpt2, after reward_model_training.py
     python GRPO_training.py --preset tiny --work_dir runs/tiny
+    python GRPO_training.py --preset tiny --work_dir runs/tiny --reward_funcs oracle --run_name grpo_oracle
     accelerate launch --num_processes 2 GRPO_training.py ...  # data-parallel, unchanged
 
 Deliberate departures from the paper:
@@ -37,14 +42,17 @@ Deliberate departures from the paper:
   those of the policy that sampled;
 * optional adaptive KL (`--adapt_kl`, Ziegler et al.'s controller on the per-reply KL, k3 summed over
   its tokens); the paper keeps beta fixed. Per-reply token averaging favours long wrong and short right
-  replies (Liu et al. 2025, "Dr. GRPO"); we keep the paper's form.
+  replies (Liu et al. 2025, "Dr. GRPO"); the default keeps the paper's form, `--loss_type dr_grpo` or `dapo`
+  (TRL's default) drop it.
 """
 
 import copy
+import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -54,15 +62,14 @@ from tqdm import tqdm
 from common import (
     PROMPT_AND_REPLY,
     AdaptiveKLController,
+    RewardMix,
     adamw,
     check_positions,
     freeze,
     generate_responses,
-    get_reward,
     load_causal_lm,
     load_optimizer_state,
     load_processed_data,
-    load_reward_model,
     load_tokenizer,
     make_accelerator,
     masked_mean,
@@ -74,15 +81,15 @@ from common import (
 )
 from lifecycle import (
     FINISHING,
-    GRPO_BEST_DIR,
-    GRPO_FINAL_DIR,
     RUN_ID_FILE,
     GenerationArgs,
     PolicyArgs,
+    RewardArgs,
     UserError,
     atomic_write_json,
     check,
     check_resumable,
+    grpo_dirs,
     load_checkpoint,
     remove_leftovers,
     run,
@@ -94,9 +101,19 @@ from lifecycle import (
 )
 from reporting import MetricsLogger, card_writer, end_run, plot_metrics, read_metrics, start_tracking
 
+RUN_NAME = "grpo"  # the default --run_name: runs/grpo/, grpo_best/, grpo_rlhf_model/
+ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
+SCALINGS = ("group+batch", "group", "batch", "none")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
 
 @dataclass
-class Args(PolicyArgs, GenerationArgs):
+class Args(PolicyArgs, GenerationArgs, RewardArgs):
+    # the switches an older command line may still give, each answered in one line (lifecycle.parse_args)
+    GONE_FLAGS: ClassVar[dict] = {
+        flag: "--scale_rewards group+batch is what it did (the default), --scale_rewards group what turning it off did"
+        for flag in ("--normalize_advantages", "--no_normalize_advantages")
+    }
     # data
     max_prompt_length: int = field(default=192, metadata={"help": "prompt tokens kept, truncated from the left"})
     reward_max_length: int = field(
@@ -115,12 +132,47 @@ class Args(PolicyArgs, GenerationArgs):
     learning_rate: float = field(default=2e-6, metadata={"help": "AdamW learning rate (constant)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
-    # algorithm
-    scale_rewards: bool = field(default=True, metadata={"help": "divide by the group's std (DeepSeekMath GRPO)"})
-    normalize_advantages: bool = field(default=True, metadata={"help": "then divide by the batch's advantage std"})
+    # algorithm: the advantage (the docstring's step 3), the loss (step 5)
+    advantage: str = field(
+        default="grpo",
+        metadata={
+            "help": "estimator: grpo (reward minus its group's mean), rloo (minus the mean of the group's other "
+            "replies), reinforce_pp (minus the group's mean, then divided by the batch's std: REINFORCE++)",
+            "choices": list(ESTIMATORS),
+        },
+    )
+    scale_rewards: str = field(
+        default="group+batch",
+        metadata={
+            "help": "then divide by: group (the group's reward std), batch (the batch's advantage std), group+batch "
+            "(both in turn: the seed's), none. grpo and rloo only (reinforce_pp is batch)"
+        },
+    )
     std_eps: float = field(default=1e-4, metadata={"help": "added to a std before dividing by it"})
+    loss_type: str = field(
+        default="grpo",
+        metadata={
+            "help": "how token losses are averaged: grpo (per reply, then over replies: the seed's), bnpo (over the "
+            "batch's tokens), dr_grpo (token sum / (replies x --max_new_tokens)), dapo (over all processes' tokens)",
+            "choices": list(LOSS_TYPES),
+        },
+    )
     clip_range: float = field(default=0.2, metadata={"help": "PPO ratio clip (active from the second update on)"})
-    kl_coef: float = field(default=0.02, metadata={"help": "beta: weight of the k3 KL to the reference"})
+    epsilon_high: float = field(
+        default=None, metadata={"help": "upper ratio clip, 1 + this (DAPO's clip-higher); default --clip_range"}
+    )
+    mask_truncated_completions: bool = field(
+        default=False, metadata={"help": "replies that hit --max_new_tokens without ending add nothing to the loss"}
+    )
+    kl_coef: float = field(default=0.02, metadata={"help": "beta: weight of the KL to the reference"})
+    kl_in: str = field(
+        default="loss",
+        metadata={
+            "help": "loss: beta x k3 per token in the loss (GRPO); reward: beta x the reply's summed log-ratio "
+            "taken off its reward before the advantage (RLOO, REINFORCE++)",
+            "choices": ["loss", "reward"],
+        },
+    )
     adapt_kl: bool = field(default=False, metadata={"help": "adapt beta toward --target_kl (Ziegler controller)"})
     target_kl: float = field(default=0.3, metadata={"help": "target per-reply KL for --adapt_kl"})
     kl_horizon: int = field(default=10_000, metadata={"help": "horizon of the adaptive KL controller, in replies"})
@@ -129,6 +181,13 @@ class Args(PolicyArgs, GenerationArgs):
     # output
     eval_every: int = field(default=100, metadata={"help": "steps between held-out evaluations (best checkpoint)"})
     eval_batch_size: int = field(default=64, metadata={"help": "prompts per generate call when evaluating"})
+    run_name: str = field(
+        default=RUN_NAME,
+        metadata={
+            "help": "names the run: runs/NAME/, NAME_best/, NAME_rlhf_model/ (evaluate_models.py reads grpo and "
+            "grpo_oracle)"
+        },
+    )
 
 
 # The tiny base model samples at ~0.3 nats per token: the seed's target_entropy of 1.8 (and its weak
@@ -150,7 +209,6 @@ TINY = dict(
     snapshot_every=8,
 )
 
-RUN_NAME = "grpo"
 CURVES = [
     "objective/scores",
     "eval/reward",
@@ -164,18 +222,36 @@ CURVES = [
 ]
 
 
-def group_advantages(scores, group_size, scale_rewards, eps):
-    """DeepSeekMath §4.1.2: each reply's score minus its group's mean (/ the group's std): (N,) -> (N,).
+def group_advantages(scores, group_size, estimator="grpo", scaling="group+batch", eps=1e-4, gather=None):
+    """Each reply's advantage from the scores of its group: (N,) -> (N,). Rows i * G ... (i + 1) * G - 1 answer the
+    same prompt. `gather` collects a tensor from every process (the batch's std spans them all).
 
-    Rows i * group_size ... (i + 1) * group_size - 1 answer the same prompt.
+    1. a baseline taken off each score r_i of a group of G:
+       grpo          r_i - mean(r)                     DeepSeekMath §4.1.2 (Shao et al. 2024)
+       rloo          r_i - mean of the other G - 1     Ahmadian et al. (2024): G / (G - 1) x grpo's, unbiased
+       reinforce_pp  r_i - mean(r), then / std of the whole batch's advantages: REINFORCE++ with a baseline
+                     (Hu et al. 2025), the scaling below fixed to `batch`;
+    2. a scaling (`scaling`): `group` divides by the group's reward std + eps (DeepSeekMath), `batch` by the std of
+       every process's advantages + eps (their mean is 0 already: a baseline was taken off in every group),
+       `group+batch` both in turn (the seed's default), `none` neither.
+    A group whose scores are all equal gets advantage 0 exactly, under every estimator and scaling.
     """
+    gather = gather or (lambda x: x)
     grouped = scores.view(-1, group_size)  # (num_prompts, G)
-    advantages = grouped - grouped.mean(1, keepdim=True)
-    if scale_rewards:
+    if estimator == "rloo":
+        advantages = grouped - (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)
+    else:
+        advantages = grouped - grouped.mean(1, keepdim=True)
+    if estimator == "reinforce_pp":
+        scaling = "batch"
+    if scaling in ("group", "group+batch"):
         advantages = advantages / (grouped.std(1, keepdim=True) + eps)
     # A group whose replies all scored the same has nothing to prefer: exactly 0, not a rounding residue.
     spread = grouped.amax(1, keepdim=True) - grouped.amin(1, keepdim=True)
-    return torch.where(spread > 0, advantages, 0.0).flatten()
+    advantages = torch.where(spread > 0, advantages, 0.0).flatten()
+    if scaling in ("batch", "group+batch"):
+        advantages = advantages / (gather(advantages).std() + eps)
+    return advantages
 
 
 def k3_kl(logprobs, ref_logprobs):
@@ -184,43 +260,73 @@ def k3_kl(logprobs, ref_logprobs):
     return torch.exp(log_ratio) - log_ratio - 1
 
 
-def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, entropy, mask, args, kl_coef):
+def aggregate(per_token, mask, loss_type, max_new_tokens, tokens_per_process=None):
+    """The token losses (N, R) as one number, by `loss_type` (TRL's names and forms):
+    grpo     1/N sum_i 1/|o_i| sum_t l_it       DeepSeekMath eq. 3: each reply's mean, then their mean
+    bnpo     sum_it l_it / sum_i |o_i|          a token mean over this batch
+    dr_grpo  sum_it l_it / (N x max_new_tokens) Dr. GRPO (Liu et al. 2025): no length normalisation
+    dapo     sum_it l_it / (tokens of every process / processes)   DAPO (Yu et al. 2025): a token mean over the
+             global batch; `tokens_per_process` (on one process: this batch's tokens, bnpo's)
+    """
+    total = (per_token * mask).sum()
+    if loss_type == "grpo":
+        return masked_mean(per_token, mask, dim=1).mean()
+    if loss_type == "bnpo":
+        return total / mask.sum().clamp(min=1)
+    if loss_type == "dr_grpo":
+        return total / (per_token.shape[0] * max_new_tokens)
+    return total / max(tokens_per_process, 1)
+
+
+def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, entropy, mask, args, kl_coef, tokens_per_process=None):
     """DeepSeekMath eq. 3 plus the seed's entropy term; every input (N, R) except advantages (N,).
 
-    Tokens where `mask` is 0 (after a reply's first EOS) contribute nothing, whatever they hold.
-    Returns the loss and its parts (detached) for logging.
+    Per token: -min(ratio x A, clip(ratio, 1 - clip_range, 1 + epsilon_high) x A) (+ kl_coef x k3 with
+    `--kl_in loss`), averaged by `--loss_type` (`aggregate`). The entropy term acts on the mean per-token entropy,
+    each reply's mean then their mean, whatever the loss type (a regulariser of the policy, not a token loss).
+    Tokens where `mask` is 0 (after a reply's first EOS, or a truncated reply's with --mask_truncated_completions)
+    contribute nothing, whatever they hold. Returns the loss and its parts (detached) for logging.
     """
     keep = mask.bool()
+    high = args.clip_range if args.epsilon_high is None else args.epsilon_high
     # Zero the masked log-ratios before exp(), so padding can never overflow into inf * 0 = nan.
     log_ratio = torch.where(keep, logprobs - old_logprobs, 0.0)  # (N, R)
     ratio = torch.exp(log_ratio)
-    pg_losses = -advantages[:, None] * ratio  # (N, R)
-    pg_losses_clipped = -advantages[:, None] * torch.clamp(ratio, 1 - args.clip_range, 1 + args.clip_range)
+    advantages = advantages[:, None]  # (N, 1)
+    pg_losses = -advantages * ratio  # (N, R)
+    pg_losses_clipped = -advantages * torch.clamp(ratio, 1 - args.clip_range, 1 + high)
     pg_loss_tokens = torch.max(pg_losses, pg_losses_clipped)  # pessimistic bound of PPO
     kl = k3_kl(torch.where(keep, logprobs, 0.0), torch.where(keep, ref_logprobs, 0.0))  # (N, R)
+    kl_weight = kl_coef if args.kl_in == "loss" else 0.0
 
     def per_reply_mean(x):  # 1/G sum_i 1/|o_i| sum_t: mean over each reply's tokens, then over replies
         return masked_mean(x, mask, dim=1).mean()
 
-    pg_loss = per_reply_mean(pg_loss_tokens)
-    kl_mean = per_reply_mean(kl)
+    def token_share(x):  # the share of the batch's reply tokens where x holds
+        return masked_mean(x.float(), mask)
+
+    pg_loss = aggregate(pg_loss_tokens, mask, args.loss_type, args.max_new_tokens, tokens_per_process)
+    kl_loss = kl_weight * aggregate(kl, mask, args.loss_type, args.max_new_tokens, tokens_per_process)
     mean_entropy = per_reply_mean(entropy)
     entropy_loss = args.entropy_coef * (mean_entropy - args.target_entropy) ** 2
-    loss = pg_loss + kl_coef * kl_mean + entropy_loss
+    loss = pg_loss + kl_loss + entropy_loss
     stats = {
         "grpo/loss": loss,
         "grpo/pg_loss": pg_loss,
-        "grpo/kl_loss": kl_coef * kl_mean,
+        "grpo/kl_loss": kl_loss,
         "grpo/entropy_loss": entropy_loss,
         "grpo/clipfrac": per_reply_mean(((ratio - 1).abs() > args.clip_range).float()),
+        # the tokens the clip held back (TRL's keys): a low ratio on a worse reply, a high one on a better reply
+        "grpo/clip_ratio/low": token_share((ratio < 1 - args.clip_range) & (advantages < 0)),
+        "grpo/clip_ratio/high": token_share((ratio > 1 + high) & (advantages > 0)),
         "objective/entropy": mean_entropy,
         "objective/kl": kl.sum(1).mean(),  # per reply: k3 summed over its tokens (0 after EOS)
     }
     return loss, {k: v.detach() for k, v in stats.items()}
 
 
-def sample_and_score(model, tokenizer, reward_model, reward_tokenizer, prompts, args, seed):
-    """One sampled reply per prompt under a fixed seed, scored by the reward model.
+def sample_and_score(model, tokenizer, reward, prompts, args, seed):
+    """One sampled reply per prompt under a fixed seed, scored by `reward` (the run's `RewardMix`).
 
     The seed is set inside `fork_rng`, so the caller's random stream is untouched and two calls
     with the same model give the same replies. Returns scores (N,), replies, lengths (N,) in
@@ -235,7 +341,7 @@ def sample_and_score(model, tokenizer, reward_model, reward_tokenizer, prompts, 
                 model, tokenizer, batch, args.max_prompt_length, args.max_new_tokens, args.temperature, args.top_p,
                 compile=args.compile_generation,
             )  # fmt: skip
-            scores.append(get_reward(reward_model, reward_tokenizer, batch, samples.responses, args.reward_max_length))
+            scores.append(reward(samples, tokenizer)[0])
             replies += samples.responses
             lengths.append(samples.response_mask.sum(1).cpu())
             tokens += samples.attention_mask.sum()
@@ -271,12 +377,11 @@ def prompt_order(num_prompts, needed, seed):
     return np.concatenate([rng.permutation(num_prompts) for _ in range(-(-needed // num_prompts))])
 
 
-def grpo_step(policy, reference, reward_model, tokenizer, reward_tokenizer, optimizer, prompts, args, kl_coef,
-              accelerator, stop_hint):  # fmt: skip
+def grpo_step(policy, reference, reward, tokenizer, optimizer, prompts, args, kl_coef, accelerator, stop_hint):
     """One GRPO step on this process's `prompts`: sample groups, score, advantages, reference log-probs, update(s).
 
-    Returns the samples, the scores of every process's replies (gathered) and the loss statistics of
-    each update. A non-finite loss on any process stops them all with `stop_hint` in the message.
+    Returns the samples, the scores of every process's replies (gathered), the loss statistics of
+    each update and this process's mean of each reward function. A non-finite loss on any process stops them all with `stop_hint` in the message.
     """
     # 1. sample a group of replies per prompt, stopped and masked at the first EOS
     samples = generate_responses(
@@ -291,23 +396,26 @@ def grpo_step(policy, reference, reward_model, tokenizer, reward_tokenizer, opti
         compile=args.compile_generation,
     )
     input_ids, attention_mask = samples.input_ids, samples.attention_mask  # (N, P + R), N = prompts x G
+    truncated = ~samples.response_ids.eq(tokenizer.eos_token_id).any(1)  # (N,) hit max_new_tokens without ending
     mask = samples.response_mask  # (N, R)
+    if args.mask_truncated_completions:
+        mask = mask * ~truncated[:, None]
     context_length = samples.query_ids.shape[1]
+    tokens_per_process = None  # dapo's normaliser: every process's reply tokens, per process (DDP averages them)
+    if args.loss_type == "dapo":
+        tokens_per_process = accelerator.gather(mask.sum()).sum().item() / accelerator.num_processes
 
-    # 2. score every (prompt, reply) with the reward model
-    scores = get_reward(reward_model, reward_tokenizer, samples.prompts, samples.responses, args.reward_max_length)
+    # 2. score every (prompt, reply) with the reward model (or the --reward_funcs mix)
+    scores, parts = reward(samples, tokenizer)
     all_scores = accelerator.gather(scores)  # (N * world,)
 
-    # 3. group-relative advantages, then normalised across the whole batch (every process)
-    advantages = group_advantages(scores, args.group_size, args.scale_rewards, args.std_eps)  # (N,)
-    if args.normalize_advantages:
-        advantages = advantages / (accelerator.gather(advantages).std() + args.std_eps)
-
-    # 4. log-probs of the replies under the frozen reference
+    # 3. log-probs of the replies under the frozen reference
     with torch.no_grad():
         ref_logprobs, _, _ = response_logprobs(reference, input_ids, attention_mask, context_length, args.temperature)
 
-    # 5. gradient steps on the rollout; the first one's log-probs are the sampling policy's (pi_old)
+    # 4. gradient steps on the rollout; the first one's log-probs are the sampling policy's (pi_old), from which
+    # the advantages come: group-relative (`--advantage`, `--scale_rewards`), with --kl_in reward from the rewards
+    # less beta x each reply's summed log-ratio to the reference
     update_stats = []
     for update in range(args.updates_per_rollout):
         logprobs, entropy, _ = response_logprobs(
@@ -315,7 +423,16 @@ def grpo_step(policy, reference, reward_model, tokenizer, reward_tokenizer, opti
         )  # (N, R) each
         if update == 0:
             old_logprobs = logprobs.detach()
-        loss, stats = grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, entropy, mask, args, kl_coef)
+            rewards = scores
+            if args.kl_in == "reward":
+                rewards = scores - kl_coef * ((old_logprobs - ref_logprobs) * mask).sum(1)
+            advantages = group_advantages(
+                rewards, args.group_size, args.advantage, args.scale_rewards, args.std_eps, accelerator.gather
+            )  # (N,)
+        loss, stats = grpo_loss(
+            logprobs, old_logprobs, ref_logprobs, advantages, entropy, mask, args, kl_coef, tokens_per_process
+        )
+        stats["response/truncated_share"] = truncated.float().mean()
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
         optimizer.step()
@@ -326,7 +443,7 @@ def grpo_step(policy, reference, reward_model, tokenizer, reward_tokenizer, opti
     losses = accelerator.gather(torch.stack([s["grpo/loss"] for s in update_stats]))
     if not torch.isfinite(losses).all():
         raise UserError(f"the loss is {losses.tolist()} {stop_hint}")
-    return samples, all_scores, update_stats
+    return samples, all_scores, update_stats, {f"reward/{name}": values.mean() for name, values in parts.items()}
 
 
 def main(args):
@@ -346,7 +463,18 @@ def main(args):
         "--clip_range and --std_eps must be > 0, --kl_coef >= 0",
     )
     check(not args.adapt_kl or args.target_kl > 0, f"--target_kl must be > 0 with --adapt_kl, got {args.target_kl}")
-    run_dir = Path(args.work_dir) / "runs" / RUN_NAME
+    check(
+        args.scale_rewards in SCALINGS,
+        f"--scale_rewards takes {', '.join(SCALINGS)}, got {args.scale_rewards!r} (the old True is group+batch, or "
+        "group with --normalize_advantages off; False is batch, or none with it off)",
+    )
+    check(args.epsilon_high is None or args.epsilon_high > 0, f"--epsilon_high must be > 0, got {args.epsilon_high}")
+    check(
+        re.fullmatch(r"[A-Za-z0-9][\w.-]*", args.run_name) is not None,
+        f"--run_name must be a folder name (letters, digits, _ . -), got {args.run_name!r}",
+    )
+    best_dir, final_dir = grpo_dirs(args.run_name)
+    run_dir = Path(args.work_dir) / "runs" / args.run_name
     ckpt_path = run_dir / "checkpoint.pt"
     if args.resume:
         check_resumable(ckpt_path)
@@ -374,8 +502,9 @@ def main(args):
     policy = load_causal_lm(start, tokenizer)
     check_positions(policy.config, args.max_prompt_length + args.max_new_tokens, PROMPT_AND_REPLY)
     reference = freeze(copy.deepcopy(policy).to(device))
-    reward_model, reward_tokenizer = load_reward_model(args.work_dir, device, args)
-    check_positions(reward_model.config, args.reward_max_length, "--reward_max_length")
+    reward = RewardMix(args, device)  # what GRPO maximises: the reward model unless --reward_funcs says otherwise
+    if is_main and args.reward_funcs != "model":
+        print(f"reward: {reward.describe()}")
     policy.eval()  # dropout off: the loss's log-probs are those of the policy that sampled
     optimizer = adamw(policy.parameters(), args.learning_rate, args.weight_decay, accelerator.device)
     policy, optimizer = accelerator.prepare(policy, optimizer)
@@ -393,7 +522,7 @@ def main(args):
         if is_main:
             print(f"resumed from {ckpt_path} at step {start_step}{FINISHING if start_step == args.total_steps else ''}")
     resume_step = start_step if args.resume else None
-    start_tracking(accelerator, args, run_dir, RUN_NAME, resume_step)
+    start_tracking(accelerator, args, run_dir, args.run_name, resume_step)
     logger = MetricsLogger(run_dir / "metrics.jsonl", resume_step=resume_step, enabled=is_main, tracker=accelerator)
     if is_main:
         save_args(args, run_dir / "args.json")
@@ -401,9 +530,7 @@ def main(args):
 
     def evaluate(step):
         """Held-out mean reward, identical on every process (each samples its share, then all gather)."""
-        result = sample_and_score(
-            unwrap(policy), tokenizer, reward_model, reward_tokenizer, eval_prompts[rank::world], args, args.seed + rank
-        )
+        result = sample_and_score(unwrap(policy), tokenizer, reward, eval_prompts[rank::world], args, args.seed + rank)
         logger.add_tokens(2 * sum(gather_object([result["tokens"]])))  # generation, then the reward model
         summary = summarize(
             torch.tensor(gather_object(result["scores"].tolist())),
@@ -422,6 +549,7 @@ def main(args):
 
     # counted by hand, not by iterating: into a log file (a redraw every 30 s) an iterating bar shows a stale count
     progress = tqdm(total=args.total_steps, initial=start_step, desc="grpo", disable=not is_main)
+    truncation_warned = False
     for step in range(start_step + 1, args.total_steps + 1):
         first = ((step - 1) * world + rank) * args.rollout_batch_size
         prompts = [train_prompts[i] for i in order[first : first + args.rollout_batch_size]]
@@ -431,10 +559,9 @@ def main(args):
             f"at step {step}: stopped; the last good checkpoint is {ckpt_path} "
             "(rerun with --resume and a lower --learning_rate)"
         )
-        samples, all_scores, update_stats = grpo_step(
-            policy, reference, reward_model, tokenizer, reward_tokenizer, optimizer, prompts, args, kl_coef,
-            accelerator, hint,
-        )  # fmt: skip
+        samples, all_scores, update_stats, reward_parts = grpo_step(
+            policy, reference, reward, tokenizer, optimizer, prompts, args, kl_coef, accelerator, hint
+        )
         attention_mask, response_ids, mask = samples.attention_mask, samples.response_ids, samples.response_mask
 
         # 6. metrics: per-process means gathered in one transfer, read once (each .item() would stall a GPU)
@@ -444,6 +571,7 @@ def main(args):
             "response/length": mask.sum(1).float().mean(),
             "response/eos_share": (response_ids == tokenizer.eos_token_id).any(1).float().mean(),
             "tokens": attention_mask.sum().float() * world,  # the mean over processes times their number: the sum
+            **reward_parts,  # each --reward_funcs, unweighted
         }
         grouped = all_scores.view(-1, args.group_size)  # (prompts x world, G), already gathered
         overall = {
@@ -458,6 +586,14 @@ def main(args):
         logger.add_tokens(metrics.pop("tokens") * (3 + args.updates_per_rollout))  # generation, reference, reward,
         replies = gather_object(samples.responses)  # updates
         metrics |= {"objective/kl_coef": kl_coef, "response/distinct_share": len(set(replies)) / len(replies)}
+
+        if metrics["response/truncated_share"] > 0.5 and not truncation_warned and is_main:
+            tqdm.write(
+                f"warning: at step {step}, {metrics['response/truncated_share']:.0%} of the replies hit "
+                f"--max_new_tokens {args.max_new_tokens} without ending: their rewards score cut-off text (raise "
+                "--max_new_tokens, or --mask_truncated_completions); said once"
+            )
+        truncation_warned |= metrics["response/truncated_share"] > 0.5
 
         # 7. adaptive KL on the per-reply KL, measured before the update
         if args.adapt_kl:
@@ -508,26 +644,31 @@ def main(args):
                 RUN_ID_FILE: lambda p: atomic_write_json(p, {"run_id": run_id}),
                 "eval_results.json": lambda p: atomic_write_json(p, results),
                 "README.md": card_writer(
-                    "grpo", args, results, "GRPO_training.py", TINY, curves="grpo_curves.png", title=title
+                    "grpo",
+                    args,
+                    results,
+                    "GRPO_training.py",
+                    TINY,
+                    curves="grpo_curves.png",
+                    title=title,
+                    note=f"Its reward: {reward.describe()}.",
                 ),
             }
 
         final_title, best_title = f"GRPO policy, step {args.total_steps}", f"GRPO policy, best step {best['step']}"
         save_pretrained_atomic(
-            Path(args.work_dir) / GRPO_FINAL_DIR, policy, tokenizer, extra=folder_files(args.total_steps, final_title)
+            Path(args.work_dir) / final_dir, policy, tokenizer, extra=folder_files(args.total_steps, final_title)
         )
         best_policy = load_causal_lm(start, tokenizer)
         best_policy.load_state_dict(best["state"])
         best_info = {"step": best["step"], "eval/reward": best["eval/reward"], "eval_prompts": len(eval_prompts)}
         extra = folder_files(best["step"], best_title) | {"best.json": lambda p: atomic_write_json(p, best_info)}
-        save_pretrained_atomic(Path(args.work_dir) / GRPO_BEST_DIR, best_policy, tokenizer, extra=extra)
-        print(
-            f"best held-out reward {best['eval/reward']:.4f} at step {best['step']} -> {args.work_dir}/{GRPO_BEST_DIR}"
-        )
-        print(f"final policy -> {args.work_dir}/{GRPO_FINAL_DIR}")
-    end_run(accelerator, args, Path(args.work_dir) / GRPO_BEST_DIR)  # what evaluate_models.py reports as GRPO
+        save_pretrained_atomic(Path(args.work_dir) / best_dir, best_policy, tokenizer, extra=extra)
+        print(f"best held-out reward {best['eval/reward']:.4f} at step {best['step']} -> {args.work_dir}/{best_dir}")
+        print(f"final policy -> {args.work_dir}/{final_dir}")
+    end_run(accelerator, args, Path(args.work_dir) / best_dir)  # what evaluate_models.py reports as GRPO
     return unwrap(policy)
 
 
 if __name__ == "__main__":
-    run(main, Args, TINY, checkpoint=lambda args: Path(args.work_dir) / "runs" / RUN_NAME / "checkpoint.pt")
+    run(main, Args, TINY, checkpoint=lambda args: Path(args.work_dir) / "runs" / args.run_name / "checkpoint.pt")

@@ -11,7 +11,9 @@ step of the loop below:
 1. generate: `rollout_batch_size` prompts per process (left truncated, so each keeps its
    final "Assistant:"), one sampled reply each (KV cache, `top_k=0`, `temperature`,
    `top_p`), masked after its first EOS;
-2. score: `get_reward` on `join_conversation(prompt, reply)`, read at the last real token;
+2. score: `get_reward` on `join_conversation(prompt, reply)`, read at the last real token
+   (or the mix of `--reward_funcs`, `common.RewardMix`: the gold reward model, the tiny
+   world's oracle, a length penalty, a function of your own; `--missing_eos_penalty`);
 3. per-token KL penalty: r_t = -beta * (log pi(y_t) - log pi_ref(y_t)) on every reply
    token, plus the score at the last one (the first EOS, or the last token without one);
    beta follows Ziegler's adaptive controller toward `target_kl` (KL = per-sequence sum);
@@ -68,6 +70,7 @@ from common import (
     PROMPT_AND_REPLY,
     AdaptiveKLController,
     FP32Linear,
+    RewardMix,
     adamw,
     check_positions,
     freeze,
@@ -93,6 +96,7 @@ from lifecycle import (
     PPO_DIR,
     GenerationArgs,
     PolicyArgs,
+    RewardArgs,
     UserError,
     atomic_write_json,
     check,
@@ -109,7 +113,7 @@ from reporting import MetricsLogger, card_writer, end_run, plot_metrics, start_t
 
 
 @dataclass
-class Args(PolicyArgs, GenerationArgs):
+class Args(PolicyArgs, GenerationArgs, RewardArgs):
     # data
     max_prompt_length: int = field(default=256, metadata={"help": "prompt tokens kept, truncated from the left"})
     max_new_tokens: int = field(default=64, metadata={"help": "longest sampled reply, in tokens"})
@@ -333,8 +337,7 @@ def sample_table(prompts, responses, scores, n=4, width=90):
     return "\n".join(lines)
 
 
-def ppo_step(model, ref_model, reward_model, tokenizer, rm_tokenizer, optimizer, prompts, args, kl_coef,
-             accelerator, stop_hint):  # fmt: skip
+def ppo_step(model, ref_model, reward, tokenizer, optimizer, prompts, args, kl_coef, accelerator, stop_hint):
     """One PPO step on this process's `prompts`: generate, score, KL penalty, GAE, then the PPO epochs.
 
     Returns the samples, their scores (B,), this process's metrics (0-d tensors, not yet gathered) and
@@ -356,8 +359,9 @@ def ppo_step(model, ref_model, reward_model, tokenizer, rm_tokenizer, optimizer,
     # family, so about the full text's tokens), policy and reference, then each PPO epoch's pass over the rollout
     n_tokens = attention_mask.sum() * (4 + args.ppo_epochs)  # a tensor: read once, with the metrics
 
-    # 2. score: the reward model reads join_conversation(prompt, reply) at its last real token
-    scores = get_reward(reward_model, rm_tokenizer, samples.prompts, samples.responses, args.reward_max_length)
+    # 2. score: the reward model reads join_conversation(prompt, reply) at its last real token (`--reward_funcs`:
+    # a weighted sum of reward functions, each logged as reward/<name>)
+    scores, reward_parts = reward(samples, tokenizer)
 
     # log-probs and values of the rollout policy, log-probs of the reference, at the sampling temperature
     with torch.no_grad():
@@ -418,6 +422,7 @@ def ppo_step(model, ref_model, reward_model, tokenizer, rm_tokenizer, optimizer,
         "ppo/advantages_mean": raw_advantages_mean,
         "response/length": response_mask.sum(1).float().mean(),
         "response/eos_share": (response_ids == tokenizer.eos_token_id).any(1).float().mean(),
+        **{f"reward/{name}": values.mean() for name, values in reward_parts.items()},  # each --reward_funcs, unweighted
     }
     return samples, scores, local, n_tokens
 
@@ -467,8 +472,11 @@ def main(args):
     model = PolicyWithValueHead(load_causal_lm(start, tokenizer))
     check_positions(model.policy.config, args.max_prompt_length + args.max_new_tokens, PROMPT_AND_REPLY)
     ref_model = freeze(load_causal_lm(start, tokenizer).to(device))
-    reward_model, rm_tokenizer = load_reward_model(args.work_dir, device, args)
+    reward_model, rm_tokenizer = load_reward_model(args.work_dir, device, args)  # the final evaluation's judge
     check_positions(reward_model.config, args.reward_max_length, "--reward_max_length")
+    reward = RewardMix(args, device, proxy=(reward_model, rm_tokenizer))  # what PPO maximises: --reward_funcs
+    if is_main and args.reward_funcs != "model":
+        print(f"reward: {reward.describe()}")
     model.eval()  # dropout off for good: rollout and update must see the same policy
     optimizer = adamw(model.parameters(), args.learning_rate, args.weight_decay, accelerator.device)
     kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)
@@ -505,9 +513,8 @@ def main(args):
         kept = f"the last good checkpoint is {checkpoint_path}" if checkpoint_path.exists() else "no checkpoint yet"
         hint = f"at step {step + 1}: stopped; {kept}; try a lower --learning_rate"
         samples, scores, local, n_tokens = ppo_step(
-            model, ref_model, reward_model, tokenizer, rm_tokenizer, optimizer, prompts, args, kl_ctl.value,
-            accelerator, hint,
-        )  # fmt: skip
+            model, ref_model, reward, tokenizer, optimizer, prompts, args, kl_ctl.value, accelerator, hint
+        )
 
         # metrics: per-process means, then gathered; beta adapts to the mean per-sequence KL of all processes
         gathered = accelerator.gather(torch.stack([v.float() for v in local.values()]).unsqueeze(0))  # (N, K)
@@ -578,7 +585,13 @@ def main(args):
                 "args.json": lambda path: atomic_write_json(path, asdict(args)),
                 "eval_results.json": lambda path: atomic_write_json(path, results),
                 "README.md": card_writer(
-                    "ppo", args, results, "PPO_training.py", TINY, curves=f"{RUN_NAME}_curves.png"
+                    "ppo",
+                    args,
+                    results,
+                    "PPO_training.py",
+                    TINY,
+                    curves=f"{RUN_NAME}_curves.png",
+                    note=f"Its reward: {reward.describe()}.",
                 ),
             },
         )

@@ -22,8 +22,10 @@ import json
 import os
 import random
 import shutil
+import sys
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,7 @@ from lifecycle import (
     SFT_DIR,
     START_FILE,
     TENSORBOARD_DIR,
+    TINY_DATA_DIR,
     UserError,
     atomic_write_json,
     check,
@@ -907,6 +910,133 @@ def get_reward(reward_model, tokenizer, prompts, responses, max_length, batch_si
         )
         scores.append(reward_scores(reward_model, enc["input_ids"].to(device), enc["attention_mask"].to(device)))
     return torch.cat(scores)
+
+
+# ---------------------------------------------------------------------------
+# Reward functions: what PPO and GRPO maximise (--reward_funcs, --reward_weights, --missing_eos_penalty)
+# ---------------------------------------------------------------------------
+
+
+def load_oracle(work_dir):
+    """The tiny world's oracle (`assets/tiny_oracle.py`) when processed_data/ holds the bundled tiny data, else None."""
+    stats = json.loads((Path(work_dir) / PROCESSED_DIR / "stats.json").read_text())
+    if Path(stats["dataset"]).resolve() != TINY_DATA_DIR.resolve():
+        return None
+    from assets import tiny_oracle
+
+    return tiny_oracle
+
+
+def user_reward_func(spec):
+    """`module:function` (importable from the working directory or the Python path) as a checked function that
+    takes (prompts, replies), lists of strings, and returns one float per reply."""
+    import importlib
+    import inspect
+
+    module_name, _, name = spec.partition(":")
+    if os.getcwd() not in sys.path:  # a script's sys.path starts at its own folder, not at the working directory
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # ModuleNotFoundError, or an error inside the module: its one line
+        raise UserError(f"--reward_funcs {spec}: cannot import {module_name} ({first_line(e)})") from None
+    function = getattr(module, name, None)
+    check(callable(function), f"--reward_funcs {spec}: {module_name} has no function {name!r}")
+    try:
+        inspect.signature(function).bind(["prompt"], ["reply"])
+    except TypeError:
+        raise UserError(
+            f"--reward_funcs {spec}: {name}{inspect.signature(function)} cannot be called as {name}(prompts, replies)"
+        ) from None
+    return function
+
+
+class RewardMix:
+    """The reward PPO and GRPO maximise: sum_k weight_k x reward_k(prompt, reply) over `--reward_funcs`, less
+    `--missing_eos_penalty` for a reply that hit `--max_new_tokens` without ending (TRL's name and meaning).
+
+    `model` is the proxy reward model (final_reward_model/, the default and the seed's only reward), `gold` the
+    held-out gold one, `oracle` the tiny world's truth (1 for a real answer, `assets/tiny_oracle.py`), `length`
+    minus the reply's tokens (its weight is the penalty per token), `module:function` the user's own. Calling it
+    returns the rewards (N,) and each function's raw values (for `reward/<name>`)."""
+
+    def __init__(self, args, device, proxy=None):
+        names = [name.strip() for name in args.reward_funcs.split(",")]
+        try:
+            weights = [float(w) for w in args.reward_weights.split(",")] if args.reward_weights else [1.0] * len(names)
+        except ValueError:
+            raise UserError(f"--reward_weights {args.reward_weights}: expected a comma list of numbers") from None
+        check(
+            len(weights) == len(names),
+            f"--reward_weights has {len(weights)} weights for {len(names)} --reward_funcs ({args.reward_funcs})",
+        )
+        check(len(set(names)) == len(names), f"--reward_funcs {args.reward_funcs}: a function named twice")
+        self.weights, self.functions, self.penalty = dict(zip(names, weights)), {}, args.missing_eos_penalty
+        for name in names:
+            if name in ("model", "gold"):
+                model, tokenizer = (
+                    proxy
+                    if name == "model" and proxy
+                    else load_reward_model(args.work_dir, device, args, gold=name == "gold")
+                )
+                check_positions(model.config, args.reward_max_length, "--reward_max_length")
+                self.functions[name] = partial(_reward_model_scores, model, tokenizer, args.reward_max_length)
+            elif name == "oracle":
+                oracle = load_oracle(args.work_dir)
+                check(oracle is not None, "--reward_funcs oracle: the oracle knows the tiny data only (--preset tiny)")
+                self.functions[name] = partial(_oracle_rewards, oracle)
+            elif name == "length":
+                self.functions[name] = None  # minus the reply's tokens, from the samples
+            elif ":" in name:
+                self.functions[name] = user_reward_func(name)
+            else:
+                raise UserError(
+                    f"--reward_funcs {name}: unknown; expected model, gold, oracle, length or module:function"
+                )
+
+    def describe(self):
+        """The mix in words, for logs and model cards: "1 x model + 0.01 x length"."""
+        mix = " + ".join(f"{w:g} x {name}" for name, w in self.weights.items())
+        return mix + (f", less {self.penalty:g} for a reply that never ended" if self.penalty else "")
+
+    def __call__(self, samples, tokenizer):
+        """The rewards of `samples` (a `Samples`): (N,) on the samples' device, and {name: (N,)} raw values."""
+        device = samples.response_ids.device
+        ended = (samples.response_ids.eq(tokenizer.eos_token_id) & samples.response_mask.bool()).any(
+            1
+        )  # an EOS (or a new turn become one) in the reply
+        parts = {}
+        for name, function in self.functions.items():
+            if function is None:
+                values = -(samples.response_mask.sum(1) - ended.long()).float()  # reply tokens, not the EOS
+            else:
+                values = function(samples.prompts, samples.responses)
+                if not torch.is_tensor(values):
+                    values = _checked_rewards(name, values, len(samples.responses))
+            parts[name] = values.to(device).float()
+        total = sum(self.weights[name] * values for name, values in parts.items())
+        return total - self.penalty * (~ended).float(), parts
+
+
+def _reward_model_scores(model, tokenizer, max_length, prompts, replies):
+    return get_reward(model, tokenizer, prompts, replies, max_length)
+
+
+def _oracle_rewards(oracle, prompts, replies):
+    return [float(oracle.judge(p, r) == "good") for p, r in zip(prompts, replies)]
+
+
+def _checked_rewards(name, values, n):
+    """A user function's return value as a tensor, or a one-line error naming the function and what was wrong."""
+    try:
+        values = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    except (TypeError, ValueError):
+        raise UserError(f"--reward_funcs {name}: expected a list of {n} numbers, got {type(values).__name__}") from None
+    check(len(values) == n, f"--reward_funcs {name}: returned {len(values)} rewards for {n} replies")
+    bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+    if bad:
+        raise UserError(f"--reward_funcs {name}: reward {values[bad[0]].item()} (not finite) for reply {bad[0]}")
+    return values
 
 
 class AdaptiveKLController:

@@ -75,6 +75,7 @@ from common import (
     generate_responses,
     get_reward,
     load_causal_lm,
+    load_oracle,
     load_processed_data,
     load_reward_model,
     load_tokenizer,
@@ -88,16 +89,16 @@ from lifecycle import (
     GOLD_SPLIT,
     GRPO_BEST_DIR,
     GRPO_FINAL_DIR,
+    GRPO_ORACLE,
     PPO_DIR,
-    PROCESSED_DIR,
     RUN_ID_FILE,
     SFT_DIR,
-    TINY_DATA_DIR,
     CommonArgs,
     GenerationArgs,
     check,
     command,
     damage,
+    grpo_dirs,
     remove_leftovers,
     resolve_model_name,
     run,
@@ -144,7 +145,16 @@ class Args(CommonArgs, GenerationArgs):
 TINY = dict(batch_size=50, reward_max_length=256, bootstrap_samples=2000)
 
 # Column prefix -> output folder of the script that trains it, in the order of the table.
-POLICY_DIRS = {"sft": SFT_DIR, "ppo": PPO_DIR, "grpo": GRPO_BEST_DIR, "dpo": DPO_DIR}
+# grpo_oracle, GRPO trained against the tiny world's oracle (`run_pipeline.sh --only grpo_oracle`), only when asked
+# for: the upper bound of what the RL machinery buys there; left out in silence when its folder is absent.
+POLICY_DIRS = {
+    "sft": SFT_DIR,
+    "ppo": PPO_DIR,
+    "grpo": GRPO_BEST_DIR,
+    "dpo": DPO_DIR,
+    GRPO_ORACLE: grpo_dirs(GRPO_ORACLE)[0],
+}
+OPTIONAL = {GRPO_ORACLE}
 RESULTS_XLSX = "rlhf_eval_results_with_base.xlsx"
 RESPONSES_JSONL = "rlhf_eval_responses.jsonl"
 BOXPLOT_PNG = "rlhf_eval_rewards_boxplot.png"
@@ -160,24 +170,27 @@ FRONTIER_RUNS = {
     "ppo": ("ppo", PPO_DIR),
     "grpo": ("grpo", GRPO_FINAL_DIR),
     "dpo": ("dpo", DPO_DIR),
+    GRPO_ORACLE: (GRPO_ORACLE, grpo_dirs(GRPO_ORACLE)[1]),
 }
 
 
-def check_grpo_pair(work_dir, args):
-    """`grpo_best/` and `grpo_rlhf_model/` must come from one run: a kill between their two saves leaves a new
-    one beside an older run's other, both complete; the run id GRPO writes into both tells them apart."""
+def check_grpo_pair(work_dir, args, run_name="grpo"):
+    """`grpo_best/` and `grpo_rlhf_model/` (of `run_name`) must come from one run: a kill between their two saves
+    leaves a new one beside an older run's other, both complete; the run id GRPO writes into both tells them apart."""
+    best_dir, final_dir = grpo_dirs(run_name)
+    rerun = command("GRPO_training.py", args) + ("" if run_name == "grpo" else f" --run_name {run_name}")
     ids = {}
-    for folder in (GRPO_BEST_DIR, GRPO_FINAL_DIR):
+    for folder in (best_dir, final_dir):
         path = work_dir / folder / RUN_ID_FILE
         ids[folder] = None
         if path.is_file():
-            check(damage(path) is None, f"{path} is {damage(path)}: rerun `{command('GRPO_training.py', args)}`")
+            check(damage(path) is None, f"{path} is {damage(path)}: rerun `{rerun}`")
             ids[folder] = json.loads(path.read_text()).get("run_id")
     check(
-        not (work_dir / GRPO_FINAL_DIR).is_dir() or ids[GRPO_BEST_DIR] == ids[GRPO_FINAL_DIR],
-        f"{work_dir / GRPO_BEST_DIR} and {work_dir / GRPO_FINAL_DIR} come from two GRPO runs (run ids "
-        f"{ids[GRPO_BEST_DIR]} and {ids[GRPO_FINAL_DIR]}): the last one was killed while saving; finish it with "
-        f"`{command('GRPO_training.py', args)} --resume` (and the run's other flags)",
+        not (work_dir / final_dir).is_dir() or ids[best_dir] == ids[final_dir],
+        f"{work_dir / best_dir} and {work_dir / final_dir} come from two GRPO runs (run ids "
+        f"{ids[best_dir]} and {ids[final_dir]}): the last one was killed while saving; finish it with "
+        f"`{rerun} --resume` (and the run's other flags)",
     )
 
 
@@ -196,16 +209,6 @@ def started_from(folder):
     path = Path(folder) / "args.json"
     saved = json.loads(path.read_text()) if path.is_file() and damage(path) is None else {}
     return "sft" if saved.get("init_from") == "sft" else "base"
-
-
-def load_oracle(work_dir):
-    """The tiny world's oracle (`assets/tiny_oracle.py`) when processed_data/ holds the bundled tiny data, else None."""
-    stats = json.loads((Path(work_dir) / PROCESSED_DIR / "stats.json").read_text())
-    if Path(stats["dataset"]).resolve() != TINY_DATA_DIR.resolve():
-        return None
-    from assets import tiny_oracle
-
-    return tiny_oracle
 
 
 @dataclass
@@ -363,7 +366,8 @@ def summarize(results, costs, args, oracle_labels=None, starts=None):
     for name, out in results.items():
         rewards = np.asarray(out["reward"])
         from_sft = starts.get(name) == "sft" and "sft" in results  # a policy that started from the SFT model
-        low, high = bootstrap_ci(rewards, args.bootstrap_samples, args.seed)
+        ci = (args.bootstrap_samples, args.seed)
+        low, high = bootstrap_ci(rewards, *ci)
         row = {
             "model": name,
             "reward_mean": rewards.mean(),
@@ -372,6 +376,7 @@ def summarize(results, costs, args, oracle_labels=None, starts=None):
             "beats_base_share": np.nan if name == "base" else float(np.mean(rewards > base_rewards)),
             "beats_sft_share": float(np.mean(rewards > np.asarray(results["sft"]["reward"]))) if from_sft else np.nan,
             "kl_mean": 0.0 if name == "base" else float(np.mean(out["kl"])),
+            **dict(zip(("kl_ci_low", "kl_ci_high"), (0.0, 0.0) if name == "base" else bootstrap_ci(out["kl"], *ci))),
             "reference": starts.get(name, "") if name != "base" else "",
             "kl_ref_mean": 0.0 if name == "base" else float(np.mean(out.get("kl_ref") or out["kl"])),
             **gold_columns(out, args),
@@ -382,6 +387,10 @@ def summarize(results, costs, args, oracle_labels=None, starts=None):
         if oracle_labels:
             sft_labels = results["sft"]["oracle"] if from_sft else None
             row |= oracle_summary(out["oracle"], results["base"]["oracle"], oracle_labels, args, sft_labels)
+        if oracle_labels and name == GRPO_ORACLE and "grpo" in results:  # what the proxy's blind spots cost GRPO
+            gap = np.equal(out["oracle"], "good").astype(float) - np.equal(results["grpo"]["oracle"], "good")
+            low, high = bootstrap_ci(gap, args.bootstrap_samples, args.seed)
+            row |= {"oracle_gain_over_grpo_ci_low": low, "oracle_gain_over_grpo_ci_high": high}
         rows.append(row)
     summary = pd.DataFrame(rows)
     summary["train_tokens"] = summary["train_tokens"].astype("Int64")  # a count, shown without decimals
@@ -428,7 +437,8 @@ def frontier_paths(work_dir):
     for method, (run_name, final_dir) in FRONTIER_RUNS.items():
         final = work_dir / final_dir
         if not (final / "config.json").is_file():
-            print(f"{final} not found: {method} has no path on the frontier")
+            if method not in OPTIONAL:
+                print(f"{final} not found: {method} has no path on the frontier")
             continue
         last = last_record(final)
         final_step, saved_at = (last["step"] if last else None), (final / "config.json").stat().st_mtime
@@ -690,7 +700,8 @@ def main(args):
         f"--best_of_n must be 0 or a power of 2 (1, 2, 4, ...), got {args.best_of_n}",
     )
     work_dir = Path(args.work_dir)
-    check_grpo_pair(work_dir, args)
+    for run_name in ("grpo", GRPO_ORACLE):
+        check_grpo_pair(work_dir, args, run_name)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     set_seed(args.seed)
 
@@ -713,7 +724,7 @@ def main(args):
     for name, folder in POLICY_DIRS.items():
         if (work_dir / folder / "config.json").is_file():
             policies[name] = work_dir / folder
-        else:
+        elif name not in OPTIONAL:
             print(f"{work_dir / folder} not found: {name} is left out of the evaluation")
     remove_leftovers(work_dir, *policies.values())  # a killed evaluation's half-written tables and cards
 

@@ -53,12 +53,18 @@ GOLD_REWARD_MODEL_DIR = "final_gold_reward_model"
 PPO_DIR = "ppo_rlhf_model"
 GRPO_BEST_DIR = "grpo_best"
 GRPO_FINAL_DIR = "grpo_rlhf_model"
+GRPO_ORACLE = "grpo_oracle"  # GRPO against the tiny world's oracle (--reward_funcs oracle --run_name grpo_oracle)
 DPO_DIR = "dpo_rlhf_model"
 SFT_DIR = "sft_model"
 START_FILE = "start.json"  # runs/<name>/start.json: {"init_from": "sft" | "base"}, what a --resume starts from
 RUN_ID_FILE = "run.json"  # {"run_id": ...} in both GRPO folders: evaluation tells a pair from two runs
 SNAPSHOTS_DIR = "snapshots"  # runs/<name>/snapshots/step-N/: policy-only snapshots for the evaluation's frontier
 TENSORBOARD_DIR = "tensorboard"  # runs/<run>/tensorboard/: `tensorboard --logdir WORK_DIR/runs` shows them all
+
+
+def grpo_dirs(run_name):
+    """GRPO's two output folders for `--run_name`: the best by held-out reward and the final policy."""
+    return GRPO_BEST_DIR.replace("grpo", run_name, 1), GRPO_FINAL_DIR.replace("grpo", run_name, 1)
 
 
 # Printed when --resume finds the run's last checkpoint: the training is done, its end is not.
@@ -142,6 +148,26 @@ class GenerationArgs:
     )
 
 
+@dataclass
+class RewardArgs:
+    """What the online policies (PPO, GRPO) maximise: a weighted sum of reward functions (common.RewardMix)."""
+
+    reward_funcs: str = field(
+        default="model",
+        metadata={
+            "help": "comma list of: model (final_reward_model/), gold (final_gold_reward_model/), oracle (the tiny "
+            "world's truth: 1 for a real answer; tiny data only), length (minus the reply's tokens), "
+            "module:function (your own, (prompts, replies) -> a float per reply)"
+        },
+    )
+    reward_weights: str = field(
+        default="", metadata={"help": "comma list of weights, one per --reward_funcs (default: 1 each)"}
+    )
+    missing_eos_penalty: float = field(
+        default=0.0, metadata={"help": "taken off the reward of a reply that hit --max_new_tokens without ending"}
+    )
+
+
 class _Parser(HfArgumentParser):
     def error(self, message):  # one line instead of argparse's usage block
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -172,6 +198,9 @@ def parse_args(args_cls, tiny=None, argv=None):
         defaults.update(tiny or {})
     parser.set_defaults(**defaults)
     (args, rest) = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    for flag in (word.split("=")[0] for word in rest):
+        if flag in getattr(args_cls, "GONE_FLAGS", {}):
+            parser.error(f"{flag} is gone: {args_cls.GONE_FLAGS[flag]}")
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args

@@ -3,20 +3,21 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
-STAGES=(data reward sft gold ppo grpo dpo eval notebook) # in this order when two are ready at once
+STAGES=(data reward sft gold ppo grpo grpo_oracle dpo eval notebook) # in this order when two are ready at once
+OPT_IN=(grpo_oracle) # run only when named: --only grpo_oracle, or --with grpo_oracle beside the others
 declare -A SCRIPT=([data]=data_process.py [sft]=SFT_training.py [reward]=reward_model_training.py
   [gold]=reward_model_training.py
-  [ppo]=PPO_training.py [grpo]=GRPO_training.py [dpo]=DPO_training.py [eval]=evaluate_models.py
+  [ppo]=PPO_training.py [grpo]=GRPO_training.py [grpo_oracle]=GRPO_training.py [dpo]=DPO_training.py [eval]=evaluate_models.py
   [notebook]=analysis_notebook.ipynb)
-declare -A FIXED=([gold]="--train_split gold_train") # what makes a stage of a shared script
+declare -A FIXED=([gold]="--train_split gold_train" [grpo_oracle]="--reward_funcs oracle --run_name grpo_oracle")
 # What each stage reads: with --jobs 2, stages whose inputs are ready run side by side
 declare -A NEEDS=([data]="" [sft]=data [reward]=data [gold]=data [ppo]="sft reward" [grpo]="sft reward"
-  [dpo]="sft" [eval]="sft reward gold ppo grpo dpo" [notebook]=eval)
+  [grpo_oracle]=sft [dpo]="sft" [eval]="sft reward gold ppo grpo grpo_oracle dpo" [notebook]=eval)
 
 usage() {
   cat <<'EOF'
 Usage: bash run_pipeline.sh [--FLAG VALUE ...] [--STAGE.FLAG VALUE ...] [--from STAGE | --only STAGE]
-                            [--skip STAGE] [--jobs N]
+                            [--skip STAGE] [--with grpo_oracle] [--jobs N]
 
 Runs data_process.py, reward_model_training.py (the proxy reward model), SFT_training.py, the gold
 reward model (where processed_data/ has a gold_train split), PPO_training.py, GRPO_training.py,
@@ -30,6 +31,9 @@ work dir's evaluation with nbconvert and saves it, outputs and figures, into --w
   --report_to T       the training stages' experiment trackers: tensorboard, wandb, trackio, or a comma list
   --from STAGE        start at STAGE; the earlier stages' outputs must be in --work_dir already
   --only STAGE        run STAGE alone
+  --with grpo_oracle  run the opt-in stage grpo_oracle too: GRPO against the tiny world's oracle (tiny data only;
+                      GRPO_training.py --reward_funcs oracle --run_name grpo_oracle), which the evaluation
+                      then shows beside the proxy-trained GRPO. Alone: --only grpo_oracle, then --only eval
   --skip STAGE        leave STAGE out (repeatable); --skip sft runs the pipeline without SFT: the
                       policies start from the base model (--init_from base), even beside an sft_model/
   --jobs N            run up to N stages at once where their inputs are ready (sft, reward and gold need
@@ -43,6 +47,7 @@ work dir's evaluation with nbconvert and saves it, outputs and figures, into --w
   bash run_pipeline.sh --preset tiny --work_dir runs/demo --from ppo --ppo.total_steps 40
   bash run_pipeline.sh --preset tiny --work_dir runs/nosft --skip sft          # the policies from base
   bash run_pipeline.sh --preset tiny --work_dir runs/demo --only notebook       # the analysis, executed
+  bash run_pipeline.sh --preset tiny --work_dir runs/demo --with grpo_oracle    # + GRPO against the oracle
   bash run_pipeline.sh --work_dir runs/gpt2                                     # gpt2 + hh-rlhf (GPU)
 EOF
 }
@@ -60,7 +65,7 @@ LAST_DEFAULT=$(stage_index eval) # the last stage run by default: the notebook r
 
 # Split the command line: flags for every stage, flags for one stage (`--ppo.x`), and the stage range.
 # A value is every word after a flag up to the next `--` word, so `--x 1`, `--x=1` and bare switches work.
-declare -A STAGE_ARGS=() SKIP=()
+declare -A STAGE_ARGS=() SKIP=() WITH=()
 common=() first=0 last=$LAST_DEFAULT target=common jobs=
 while (($#)); do
   word=$1
@@ -84,7 +89,7 @@ while (($#)); do
         value=$1
         shift
       fi
-      for stage in sft reward gold ppo grpo dpo; do STAGE_ARGS[$stage]+=" --report_to $(printf '%q' "$value")"; done
+      for stage in sft reward gold ppo grpo grpo_oracle dpo; do STAGE_ARGS[$stage]+=" --report_to $(printf '%q' "$value")"; done
       continue
       ;;
     --skip | --skip=*)
@@ -97,12 +102,23 @@ while (($#)); do
       stage_index "$stage" --skip >/dev/null
       SKIP[$stage]=1
       # without SFT the policies start from the base model, even where an older run left an sft_model/
-      [[ $stage != sft ]] || for s in ppo grpo dpo; do STAGE_ARGS[$s]+=" --init_from base"; done
+      [[ $stage != sft ]] || for s in ppo grpo grpo_oracle dpo; do STAGE_ARGS[$s]+=" --init_from base"; done
+      continue
+      ;;
+    --with | --with=*)
+      if [[ $word == --with ]]; then
+        (($#)) || die "--with needs an opt-in stage (${OPT_IN[*]})"
+        word=$1
+        shift
+      fi
+      [[ " ${OPT_IN[*]} " == *" ${word#--with=} "* ]] || die "--with: '${word#--with=}' is no opt-in stage (${OPT_IN[*]})"
+      WITH[${word#--with=}]=1
       continue
       ;;
     --from | --only)
       (($#)) || die "$word needs a stage (${STAGES[*]})"
       first=$(stage_index "$1" "$word")
+      WITH[$1]=1 # an opt-in stage named here runs
       [[ $word == --only ]] && last=$first || last=$((first > LAST_DEFAULT ? first : LAST_DEFAULT))
       shift
       continue
@@ -120,6 +136,8 @@ while (($#)); do
     STAGE_ARGS[$target]+=" $(printf '%q' "$word")"
   fi
 done
+
+for stage in "${OPT_IN[@]}"; do [[ -n ${WITH[$stage]:-} ]] || SKIP[$stage]=1; done
 
 # --work_dir must exist before the first script writes into it
 work_dir=.

@@ -96,6 +96,7 @@ import GRPO_training as grpo
 import PPO_training as ppo
 import reward_model_training as rm
 from common import (
+    RewardMix,
     collate_pairs,
     disable_dropout,
     filter_edge_cases,
@@ -519,7 +520,9 @@ def time_online_steps(work, meter, step_fn, model, reference, reward_model, scri
     """
     args, accelerator = work.args, make_accelerator()
     reference = freeze(reference.to(accelerator.device))
-    reward_model = freeze(reward_model.to(accelerator.device))
+    reward = RewardMix(
+        script_args, accelerator.device, proxy=(freeze(reward_model.to(accelerator.device)), work.tokenizer)
+    )
     model.eval()
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=script_args.learning_rate, weight_decay=script_args.weight_decay
@@ -530,8 +533,8 @@ def time_online_steps(work, meter, step_fn, model, reference, reward_model, scri
             meter.start()
         chunk = prompts[step * batch : (step + 1) * batch]
         step_fn(
-            model, reference, reward_model, work.tokenizer, work.tokenizer, optimizer, chunk, script_args,
-            script_args.kl_coef, accelerator, "in the benchmark",
+            model, reference, reward, work.tokenizer, optimizer, chunk, script_args, script_args.kl_coef, accelerator,
+            "in the benchmark",
         )  # fmt: skip
     meter.stop()
 
@@ -613,8 +616,10 @@ def bench_grpo(work, meter, impl, batch, out_dir):
             top_k=0,
             beta=script_args.kl_coef,
             epsilon=script_args.clip_range,
-            loss_type="grpo",  # eq. 3: the mean over each reply's tokens, then over replies, as ours
-            scale_rewards="group" if script_args.scale_rewards else "none",
+            loss_type=script_args.loss_type,  # grpo: eq. 3, each reply's token mean, then over replies, as ours
+            epsilon_high=script_args.epsilon_high or script_args.clip_range,
+            # TRL has no group-then-batch scaling (our default): its group scaling is the closest
+            scale_rewards={"group+batch": "group"}.get(script_args.scale_rewards, script_args.scale_rewards),
             entropy_coef=script_args.entropy_coef,  # an entropy term in the loss as ours (TRL's is a plain bonus)
             generation_kwargs=None if args.natural_length else {"min_new_tokens": script_args.max_new_tokens},
             disable_dropout=True,  # ours keeps the policy in eval mode

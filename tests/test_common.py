@@ -569,7 +569,8 @@ def test_the_evaluation_and_the_trainers_score_and_measure_one_sample_identicall
     prompts = [f"\n\nHuman: what is {word}?\n\nAssistant:" for word in ("rain", "a cat", "salt", "the sea")]
     args = SimpleNamespace(
         max_prompt_length=32, max_new_tokens=12, temperature=1.0, top_p=1.0, eval_top_p=1.0, eval_batch_size=4,
-        reward_max_length=64, compile_generation=False, batch_size=4, seed=3,
+        reward_max_length=64, compile_generation=False, batch_size=4, seed=3, reward_funcs="model", reward_weights="",
+        missing_eos_penalty=0.0,
     )  # fmt: skip
 
     def sampled():
@@ -581,7 +582,8 @@ def test_the_evaluation_and_the_trainers_score_and_measure_one_sample_identicall
     evaluation_kl = evaluate_models.sequence_kl(policy, base, samples, 1.0)
     torch.manual_seed(3)
     ppo_eval = ppo.evaluate(policy, base, tokenizer, reward_model, rm_tokenizer, prompts, args)
-    grpo_eval = grpo.sample_and_score(policy, tokenizer, reward_model, rm_tokenizer, prompts, args, seed=3)
+    reward = common.RewardMix(args, "cpu", proxy=(reward_model, rm_tokenizer))
+    grpo_eval = grpo.sample_and_score(policy, tokenizer, reward, prompts, args, seed=3)
     assert grpo_eval["replies"] == samples.responses == sampled().responses
     assert grpo_eval["scores"].tolist() == evaluation["reward"]
     assert ppo_eval["score"] == pytest.approx(float(torch.tensor(evaluation["reward"]).mean()), abs=1e-6)

@@ -315,7 +315,7 @@ def test_evaluate_end_to_end_tiny(eval_work):
     assert len(table) == 40
     assert list(sheets["summary"].columns) == [
         "model", "reward_mean", "reward_ci_low", "reward_ci_high", "beats_base_share", "beats_sft_share", "kl_mean",
-        "reference", "kl_ref_mean", "gold_mean", "gold_ci_low", "gold_ci_high",
+        "kl_ci_low", "kl_ci_high", "reference", "kl_ref_mean", "gold_mean", "gold_ci_low", "gold_ci_high",
         "distinct_share", "length_mean", "train_time_s", "train_tokens", "train_peak_mb",
         "oracle_good", "oracle_good_ci_low", "oracle_good_ci_high", "oracle_gain_ci_low", "oracle_gain_ci_high",
         "oracle_gain_over_sft_ci_low", "oracle_gain_over_sft_ci_high", "oracle_off_topic", "oracle_courtesy_only", "oracle_refusal", "oracle_rude", "oracle_harmful",
@@ -466,7 +466,9 @@ def test_missing_data_and_bad_flags_fail_at_start(eval_work, tmp_path):
         main(parse_args(Args, TINY, ["--preset", "tiny", "--work_dir", str(tmp_path), "--top_p", "0"]))
     with pytest.raises(UserError, match="--workers must be 0 \\(one per thread\\) or a number of processes, got -1"):
         main(parse_args(Args, TINY, ["--preset", "tiny", "--work_dir", str(tmp_path), "--workers", "-1"]))
-    with pytest.raises(UserError, match="--max_prompt_length \\+ --max_new_tokens must fit"):
+    with pytest.raises(
+        UserError, match=r"--max_prompt_length \+ --max_new_tokens \(1256 tokens\) exceeds the model's 512"
+    ):
         argv = ["--preset", "tiny", "--work_dir", str(eval_work), "--max_new_tokens", "1000"]
         main(parse_args(Args, TINY, argv))
 

@@ -21,7 +21,9 @@ from lifecycle import (
 )
 from reporting import read_metrics
 
-LOSS_ARGS = SimpleNamespace(clip_range=0.2, entropy_coef=0.1, target_entropy=1.8)
+# the loss's settings as the seed's defaults have them (grpo loss, symmetric clip, the KL in the loss)
+LOSS = dict(loss_type="grpo", epsilon_high=None, kl_in="loss", max_new_tokens=5)
+LOSS_ARGS = SimpleNamespace(clip_range=0.2, entropy_coef=0.1, target_entropy=1.8, **LOSS)
 
 
 def tiny_args(work, *argv):
@@ -33,16 +35,16 @@ def tiny_args(work, *argv):
 
 def test_group_advantages_by_hand_including_an_all_equal_group():
     scores = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0, 0.1, 0.1, 0.1, 4.0, 0.0, 2.0])
-    centred = grpo.group_advantages(scores, 3, scale_rewards=False, eps=1e-4)
+    centred = grpo.group_advantages(scores, 3, "grpo", "none", eps=1e-4)
     # means 2, 5, 0.1, 2 -> score - mean; groups 2 and 3 have zero spread
     torch.testing.assert_close(centred, torch.tensor([-1.0, 0, 1, 0, 0, 0, 0, 0, 0, 2, -2, 0]))
-    scaled = grpo.group_advantages(scores, 3, scale_rewards=True, eps=1e-4)
+    scaled = grpo.group_advantages(scores, 3, "grpo", "group", eps=1e-4)
     # unbiased group stds: 1 and 2 (the all-equal groups: 0)
     expected = torch.tensor([-1 / 1.0001, 0, 1 / 1.0001, 0, 0, 0, 0, 0, 0, 2 / 2.0001, -2 / 2.0001, 0])
     torch.testing.assert_close(scaled, expected)
     # exactly zero, although 0.1 * 3 / 3 != 0.1 in floating point, and never nan
     assert (scaled[3:9] == 0).all() and torch.isfinite(scaled).all()
-    assert (grpo.group_advantages(torch.full((6,), 0.1), 3, True, 1e-12) == 0).all()
+    assert (grpo.group_advantages(torch.full((6,), 0.1), 3, "grpo", "group", 1e-12) == 0).all()
 
 
 # --- the k3 KL estimator -----------------------------------------------------------------------
@@ -102,7 +104,7 @@ def test_clipped_objective_when_a_rollout_is_reused():
     logprobs = torch.log(torch.tensor([[1.5, 0.9, 1.1, 0.5]]))  # ratios against old log-probs of 0
     old = torch.zeros(1, 4)
     mask = torch.ones(1, 4)
-    no_kl_no_entropy = SimpleNamespace(clip_range=0.2, entropy_coef=0.0, target_entropy=0.0)
+    no_kl_no_entropy = SimpleNamespace(clip_range=0.2, entropy_coef=0.0, target_entropy=0.0, **LOSS)
     for advantage in (1.0, -1.0):
         _, stats = grpo.grpo_loss(
             logprobs, old, logprobs, torch.tensor([advantage]), torch.zeros(1, 4), mask, no_kl_no_entropy, 0.0
@@ -263,12 +265,13 @@ def test_the_gpu_is_waited_for_once_per_step_not_once_per_update(work):
     from accelerate import Accelerator
     from conftest import counted_syncs
 
-    from common import freeze, load_processed_data, load_reward_model
+    from common import RewardMix, freeze, load_processed_data, load_reward_model
 
-    reward_model, reward_tokenizer = load_reward_model(work, "cpu")
+    proxy = load_reward_model(work, "cpu")
     counts = {}
     for updates in (1, 3):
         args = tiny_args(work, "--rollout_batch_size", 2, "--group_size", 2, "--updates_per_rollout", updates)
+        reward = RewardMix(args, "cpu", proxy=proxy)
         tokenizer = load_tokenizer(str(TINY_MODEL_DIR))
         policy = load_causal_lm(str(TINY_MODEL_DIR), tokenizer).eval()
         reference = freeze(load_causal_lm(str(TINY_MODEL_DIR), tokenizer))
@@ -277,8 +280,7 @@ def test_the_gpu_is_waited_for_once_per_step_not_once_per_update(work):
         torch.manual_seed(0)
         with counted_syncs() as calls:
             grpo.grpo_step(
-                policy, reference, reward_model, tokenizer, reward_tokenizer, optimizer, prompts, args, 0.02,
-                Accelerator(cpu=True), "",
-            )  # fmt: skip
+                policy, reference, reward, tokenizer, optimizer, prompts, args, 0.02, Accelerator(cpu=True), ""
+            )
         counts[updates] = calls
     assert counts[1] == counts[3]

@@ -10,6 +10,7 @@ from conftest import REPO, launch_two_processes, pipeline_summary, resumed_and_s
 
 import PPO_training as ppo
 from common import (
+    RewardMix,
     gather_logprobs,
     load_causal_lm,
     load_processed_data,
@@ -308,20 +309,18 @@ def test_the_gpu_is_waited_for_once_per_step_not_once_per_minibatch(work):
     from accelerate import Accelerator
     from conftest import counted_syncs
 
-    reward_model, rm_tokenizer = load_reward_model(work, "cpu")
+    proxy = load_reward_model(work, "cpu")
     counts = {}
     for minibatches in (1, 4):
         args = tiny_args(work, "--rollout_batch_size", 8, "--num_minibatches", minibatches, "--max_new_tokens", 12)
+        reward = RewardMix(args, "cpu", proxy=proxy)
         model, tokenizer = tiny_policy()
         reference = load_causal_lm(str(TINY_MODEL_DIR), tokenizer).eval()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # no optimizer internals in the count
         prompts = list(load_processed_data(args)["train"]["prompt"])[:8]
         torch.manual_seed(0)
         with counted_syncs() as calls:
-            ppo.ppo_step(
-                model, reference, reward_model, tokenizer, rm_tokenizer, optimizer, prompts, args, 0.1,
-                Accelerator(cpu=True), "",
-            )  # fmt: skip
+            ppo.ppo_step(model, reference, reward, tokenizer, optimizer, prompts, args, 0.1, Accelerator(cpu=True), "")
         counts[minibatches] = calls
     assert counts[1] == counts[4]
 
@@ -334,13 +333,12 @@ def test_tokens_processed_counts_real_tokens_not_padding(work):
     args = tiny_args(work, *QUICK)
     model, tokenizer = tiny_policy()
     reference = load_causal_lm(str(TINY_MODEL_DIR), tokenizer).eval()
-    reward_model, rm_tokenizer = load_reward_model(work, "cpu")
+    reward = RewardMix(args, "cpu", proxy=load_reward_model(work, "cpu"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
     prompts = list(load_processed_data(args)["train"]["prompt"])[:8]
     samples, _, _, n_tokens = ppo.ppo_step(
-        model, reference, reward_model, tokenizer, rm_tokenizer, optimizer, prompts, args, 0.1, Accelerator(cpu=True),
-        "",
-    )  # fmt: skip
+        model, reference, reward, tokenizer, optimizer, prompts, args, 0.1, Accelerator(cpu=True), ""
+    )
     prompt_tokens = sum(min(len(tokenizer(p)["input_ids"]), args.max_prompt_length) for p in prompts)
     passes = 4 + args.ppo_epochs
     assert n_tokens == (prompt_tokens + samples.response_mask.sum().item()) * passes

@@ -80,6 +80,22 @@ def test_skip_sft_runs_the_seeds_pipeline_with_the_policies_from_base(tmp_path):
     assert proc.returncode == 2 and "--skip: unknown stage 'sfft' (stages: data reward sft" in proc.stderr
 
 
+def test_grpo_against_the_oracle_runs_only_when_asked_for(tmp_path):
+    """The opt-in stage: never by default (the demo's time stays), with --with beside the others, before the
+    evaluation that shows it, and alone with --only."""
+    common = f"--preset tiny --work_dir {tmp_path}"
+    oracle = f"GRPO_training.py {common} --reward_funcs oracle --run_name grpo_oracle"
+    default = stage_lines(pipeline("--preset", "tiny", "--work_dir", tmp_path, "--jobs", 1))
+    assert not any("grpo_oracle" in line for line in default) and len(default) == 8
+    asked = stage_lines(pipeline("--preset", "tiny", "--work_dir", tmp_path, "--jobs", 1, "--with", "grpo_oracle"))
+    assert asked == [*default[:6], oracle, *default[6:]]  # after grpo, before dpo and the evaluation
+    assert stage_lines(pipeline("--preset", "tiny", "--work_dir", tmp_path, "--only", "grpo_oracle")) == [oracle]
+    skipped = stage_lines(
+        pipeline("--preset", "tiny", "--work_dir", tmp_path, "--skip", "sft", "--only", "grpo_oracle")
+    )
+    assert skipped == [f"{oracle} --init_from base"]
+
+
 def test_the_notebook_without_an_evaluation_is_one_line_and_runs_nothing(tmp_path):
     fake = fake_python(tmp_path, f"touch {tmp_path}/ran")
     proc = run_pipeline("--preset", "tiny", "--work_dir", tmp_path / "w", "--only", "notebook", python=fake)
@@ -94,7 +110,11 @@ def test_the_notebook_without_an_evaluation_is_one_line_and_runs_nothing(tmp_pat
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--only", "rlhf"], "--only: unknown stage 'rlhf' (stages: data reward sft gold ppo grpo dpo eval notebook)"),
+        (
+            ["--only", "rlhf"],
+            "--only: unknown stage 'rlhf' (stages: data reward sft gold ppo grpo grpo_oracle dpo eval notebook)",
+        ),
+        (["--with", "ppo"], "--with: 'ppo' is no opt-in stage (grpo_oracle)"),
         (["--jobs", "0"], "--jobs needs a positive number of stages, got '0'"),
         (["--from"], "--from needs a stage"),
         (["--rm.max_steps", "2"], "--rm.max_steps: unknown stage 'rm'"),
