@@ -81,6 +81,7 @@ from common import (
 )
 from lifecycle import (
     FINISHING,
+    REWARD_FLAGS,
     RUN_ID_FILE,
     GenerationArgs,
     PolicyArgs,
@@ -89,8 +90,10 @@ from lifecycle import (
     atomic_write_json,
     check,
     check_resumable,
+    check_same_objective,
     grpo_dirs,
     load_checkpoint,
+    objective,
     remove_leftovers,
     run,
     save_args,
@@ -105,6 +108,8 @@ RUN_NAME = "grpo"  # the default --run_name: runs/grpo/, grpo_best/, grpo_rlhf_m
 ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
 SCALINGS = ("group+batch", "group", "batch", "none")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+# what a run optimises: a --resume must give the same (lifecycle.check_same_objective)
+OBJECTIVE_FLAGS = (*REWARD_FLAGS, "advantage", "scale_rewards", "loss_type", "kl_in", "mask_truncated_completions")
 
 
 @dataclass
@@ -144,8 +149,9 @@ class Args(PolicyArgs, GenerationArgs, RewardArgs):
     scale_rewards: str = field(
         default="group+batch",
         metadata={
-            "help": "then divide by: group (the group's reward std), batch (the batch's advantage std), group+batch "
-            "(both in turn: the seed's), none. grpo and rloo only (reinforce_pp is batch)"
+            "help": "then divide by: group (the group's reward std), batch (the batch's reward std: TRL's), "
+            "group+batch (the group's, then the batch's advantage std: the seed's), none (RLOO's paper). grpo and "
+            "rloo only (reinforce_pp divides by the batch's advantage std itself)"
         },
     )
     std_eps: float = field(default=1e-4, metadata={"help": "added to a std before dividing by it"})
@@ -229,11 +235,11 @@ def group_advantages(scores, group_size, estimator="grpo", scaling="group+batch"
     1. a baseline taken off each score r_i of a group of G:
        grpo          r_i - mean(r)                     DeepSeekMath §4.1.2 (Shao et al. 2024)
        rloo          r_i - mean of the other G - 1     Ahmadian et al. (2024): G / (G - 1) x grpo's, unbiased
-       reinforce_pp  r_i - mean(r), then / std of the whole batch's advantages: REINFORCE++ with a baseline
-                     (Hu et al. 2025), the scaling below fixed to `batch`;
+       reinforce_pp  r_i - mean(r), then / (std of every process's advantages + eps): REINFORCE++ with a
+                     baseline (Hu et al. 2025), which normalises itself (`scaling` does not apply);
     2. a scaling (`scaling`): `group` divides by the group's reward std + eps (DeepSeekMath), `batch` by the std of
-       every process's advantages + eps (their mean is 0 already: a baseline was taken off in every group),
-       `group+batch` both in turn (the seed's default), `none` neither.
+       every process's rewards + eps (TRL's, Lite PPO's), `group+batch` by the group's, then by the std of every
+       process's advantages (their mean is 0 already: the seed's default), `none` neither.
     A group whose scores are all equal gets advantage 0 exactly, under every estimator and scaling.
     """
     gather = gather or (lambda x: x)
@@ -243,13 +249,15 @@ def group_advantages(scores, group_size, estimator="grpo", scaling="group+batch"
     else:
         advantages = grouped - grouped.mean(1, keepdim=True)
     if estimator == "reinforce_pp":
-        scaling = "batch"
+        scaling = "advantages"  # the batch's advantage std, below
     if scaling in ("group", "group+batch"):
         advantages = advantages / (grouped.std(1, keepdim=True) + eps)
+    elif scaling == "batch":
+        advantages = advantages / (gather(scores).std() + eps)
     # A group whose replies all scored the same has nothing to prefer: exactly 0, not a rounding residue.
     spread = grouped.amax(1, keepdim=True) - grouped.amin(1, keepdim=True)
     advantages = torch.where(spread > 0, advantages, 0.0).flatten()
-    if scaling in ("batch", "group+batch"):
+    if scaling in ("advantages", "group+batch"):
         advantages = advantages / (gather(advantages).std() + eps)
     return advantages
 
@@ -278,16 +286,19 @@ def aggregate(per_token, mask, loss_type, max_new_tokens, tokens_per_process=Non
     return total / max(tokens_per_process, 1)
 
 
-def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, entropy, mask, args, kl_coef, tokens_per_process=None):
+def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, entropy, mask, args, kl_coef, tokens_per_process=None,
+              reply_mask=None):  # fmt: skip
     """DeepSeekMath eq. 3 plus the seed's entropy term; every input (N, R) except advantages (N,).
 
     Per token: -min(ratio x A, clip(ratio, 1 - clip_range, 1 + epsilon_high) x A) (+ kl_coef x k3 with
     `--kl_in loss`), averaged by `--loss_type` (`aggregate`). The entropy term acts on the mean per-token entropy,
     each reply's mean then their mean, whatever the loss type (a regulariser of the policy, not a token loss).
     Tokens where `mask` is 0 (after a reply's first EOS, or a truncated reply's with --mask_truncated_completions)
-    contribute nothing, whatever they hold. Returns the loss and its parts (detached) for logging.
+    contribute nothing, whatever they hold; the logged KL counts every reply token (`reply_mask`, default `mask`),
+    so a masked truncated reply's KL is still seen. Returns the loss and its parts (detached) for logging.
     """
     keep = mask.bool()
+    reply = keep if reply_mask is None else reply_mask.bool()
     high = args.clip_range if args.epsilon_high is None else args.epsilon_high
     # Zero the masked log-ratios before exp(), so padding can never overflow into inf * 0 = nan.
     log_ratio = torch.where(keep, logprobs - old_logprobs, 0.0)  # (N, R)
@@ -296,10 +307,12 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, entropy, mask, a
     pg_losses = -advantages * ratio  # (N, R)
     pg_losses_clipped = -advantages * torch.clamp(ratio, 1 - args.clip_range, 1 + high)
     pg_loss_tokens = torch.max(pg_losses, pg_losses_clipped)  # pessimistic bound of PPO
-    kl = k3_kl(torch.where(keep, logprobs, 0.0), torch.where(keep, ref_logprobs, 0.0))  # (N, R)
+    kl = k3_kl(torch.where(reply, logprobs, 0.0), torch.where(reply, ref_logprobs, 0.0))  # (N, R), 0 after EOS
     kl_weight = kl_coef if args.kl_in == "loss" else 0.0
 
     def per_reply_mean(x):  # 1/G sum_i 1/|o_i| sum_t: mean over each reply's tokens, then over replies
+        if args.mask_truncated_completions:  # over the replies with a token left in the loss
+            return masked_mean(masked_mean(x, mask, dim=1), keep.any(1).float())
         return masked_mean(x, mask, dim=1).mean()
 
     def token_share(x):  # the share of the batch's reply tokens where x holds
@@ -315,12 +328,12 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, entropy, mask, a
         "grpo/pg_loss": pg_loss,
         "grpo/kl_loss": kl_loss,
         "grpo/entropy_loss": entropy_loss,
-        "grpo/clipfrac": per_reply_mean(((ratio - 1).abs() > args.clip_range).float()),
+        "grpo/clipfrac": per_reply_mean(((ratio < 1 - args.clip_range) | (ratio > 1 + high)).float()),
         # the tokens the clip held back (TRL's keys): a low ratio on a worse reply, a high one on a better reply
         "grpo/clip_ratio/low": token_share((ratio < 1 - args.clip_range) & (advantages < 0)),
         "grpo/clip_ratio/high": token_share((ratio > 1 + high) & (advantages > 0)),
         "objective/entropy": mean_entropy,
-        "objective/kl": kl.sum(1).mean(),  # per reply: k3 summed over its tokens (0 after EOS)
+        "objective/kl": kl.sum(1).mean(),  # per reply: k3 summed over its tokens
     }
     return loss, {k: v.detach() for k, v in stats.items()}
 
@@ -425,13 +438,14 @@ def grpo_step(policy, reference, reward, tokenizer, optimizer, prompts, args, kl
             old_logprobs = logprobs.detach()
             rewards = scores
             if args.kl_in == "reward":
-                rewards = scores - kl_coef * ((old_logprobs - ref_logprobs) * mask).sum(1)
+                rewards = scores - kl_coef * ((old_logprobs - ref_logprobs) * samples.response_mask).sum(1)
             advantages = group_advantages(
                 rewards, args.group_size, args.advantage, args.scale_rewards, args.std_eps, accelerator.gather
             )  # (N,)
         loss, stats = grpo_loss(
-            logprobs, old_logprobs, ref_logprobs, advantages, entropy, mask, args, kl_coef, tokens_per_process
-        )
+            logprobs, old_logprobs, ref_logprobs, advantages, entropy, mask, args, kl_coef, tokens_per_process,
+            reply_mask=samples.response_mask,
+        )  # fmt: skip
         stats["response/truncated_share"] = truncated.float().mean()
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
@@ -466,12 +480,12 @@ def main(args):
     check(
         args.scale_rewards in SCALINGS,
         f"--scale_rewards takes {', '.join(SCALINGS)}, got {args.scale_rewards!r} (the old True is group+batch, or "
-        "group with --normalize_advantages off; False is batch, or none with it off)",
+        "group with --normalize_advantages off; False is --advantage reinforce_pp, or none with it off)",
     )
     check(args.epsilon_high is None or args.epsilon_high > 0, f"--epsilon_high must be > 0, got {args.epsilon_high}")
     check(
-        re.fullmatch(r"[A-Za-z0-9][\w.-]*", args.run_name) is not None,
-        f"--run_name must be a folder name (letters, digits, _ . -), got {args.run_name!r}",
+        re.fullmatch(r"grpo[\w.-]*", args.run_name) is not None,  # never another script's folders (ppo, dpo, ...)
+        f"--run_name must start with grpo and be a folder name (letters, digits, _ . -), got {args.run_name!r}",
     )
     best_dir, final_dir = grpo_dirs(args.run_name)
     run_dir = Path(args.work_dir) / "runs" / args.run_name
@@ -516,6 +530,7 @@ def main(args):
         state = load_checkpoint(ckpt_path)
         unwrap(policy).load_state_dict(state["policy"])
         load_optimizer_state(optimizer, state["optimizer"])
+        check_same_objective(state, args, OBJECTIVE_FLAGS)
         start_step, best, kl_ctl.value = state["step"], state["best"], state["kl_coef"]
         run_id = state.get("run_id", run_id)
         check(start_step <= args.total_steps, f"--resume: the checkpoint is at step {start_step} > --total_steps")
@@ -620,6 +635,7 @@ def main(args):
                         "best": best,
                         "kl_coef": kl_ctl.value,
                         "run_id": run_id,
+                        "objective": objective(args, OBJECTIVE_FLAGS),
                     },
                 )
                 if step < args.total_steps:  # the curves so far (the last step's are drawn with the final policy)

@@ -94,6 +94,7 @@ from common import (
 from lifecycle import (
     FINISHING,
     PPO_DIR,
+    REWARD_FLAGS,
     GenerationArgs,
     PolicyArgs,
     RewardArgs,
@@ -101,7 +102,9 @@ from lifecycle import (
     atomic_write_json,
     check,
     check_resumable,
+    check_same_objective,
     load_checkpoint,
+    objective,
     remove_leftovers,
     run,
     save_checkpoint,
@@ -486,6 +489,7 @@ def main(args):
         state = load_checkpoint(checkpoint_path)
         model.load_state_dict(state["model"])
         load_optimizer_state(optimizer, state["optimizer"])
+        check_same_objective(state, args, REWARD_FLAGS)
         start_step, kl_ctl.value = state["step"], state["kl_coef"]
         check(
             start_step <= args.total_steps,
@@ -537,7 +541,8 @@ def main(args):
         if (step + 1) % args.save_every == 0 or step + 1 == args.total_steps:
             if is_main:
                 state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}
-                save_checkpoint(checkpoint_path, {**state, "step": step + 1, "kl_coef": kl_ctl.value})
+                state |= {"step": step + 1, "kl_coef": kl_ctl.value, "objective": objective(args, REWARD_FLAGS)}
+                save_checkpoint(checkpoint_path, state)
             accelerator.wait_for_everyone()
     progress.close()
 

@@ -944,6 +944,8 @@ def user_reward_func(spec):
     check(callable(function), f"--reward_funcs {spec}: {module_name} has no function {name!r}")
     try:
         inspect.signature(function).bind(["prompt"], ["reply"])
+    except ValueError:  # no signature to read (a builtin): its first call checks it
+        pass
     except TypeError:
         raise UserError(
             f"--reward_funcs {spec}: {name}{inspect.signature(function)} cannot be called as {name}(prompts, replies)"
@@ -1011,7 +1013,7 @@ class RewardMix:
                 values = -(samples.response_mask.sum(1) - ended.long()).float()  # reply tokens, not the EOS
             else:
                 values = function(samples.prompts, samples.responses)
-                if not torch.is_tensor(values):
+                if name not in ("model", "gold"):  # a user's function (or the oracle's): checked at every call
                     values = _checked_rewards(name, values, len(samples.responses))
             parts[name] = values.to(device).float()
         total = sum(self.weights[name] * values for name, values in parts.items())
@@ -1030,7 +1032,7 @@ def _checked_rewards(name, values, n):
     """A user function's return value as a tensor, or a one-line error naming the function and what was wrong."""
     try:
         values = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RuntimeError):  # not numbers, or a tensor of more than one number per reply
         raise UserError(f"--reward_funcs {name}: expected a list of {n} numbers, got {type(values).__name__}") from None
     check(len(values) == n, f"--reward_funcs {name}: returned {len(values)} rewards for {n} replies")
     bad = (~torch.isfinite(values)).nonzero().flatten().tolist()

@@ -178,7 +178,9 @@ def check_grpo_pair(work_dir, args, run_name="grpo"):
     """`grpo_best/` and `grpo_rlhf_model/` (of `run_name`) must come from one run: a kill between their two saves
     leaves a new one beside an older run's other, both complete; the run id GRPO writes into both tells them apart."""
     best_dir, final_dir = grpo_dirs(run_name)
-    rerun = command("GRPO_training.py", args) + ("" if run_name == "grpo" else f" --run_name {run_name}")
+    rerun = command("GRPO_training.py", args) + (
+        "" if run_name == "grpo" else f" --reward_funcs oracle --run_name {run_name}"
+    )
     ids = {}
     for folder in (best_dir, final_dir):
         path = work_dir / folder / RUN_ID_FILE

@@ -148,6 +148,9 @@ class GenerationArgs:
     )
 
 
+REWARD_FLAGS = ("reward_funcs", "reward_weights", "missing_eos_penalty")  # RewardArgs', recorded in checkpoints
+
+
 @dataclass
 class RewardArgs:
     """What the online policies (PPO, GRPO) maximise: a weighted sum of reward functions (common.RewardMix)."""
@@ -514,6 +517,22 @@ def sync_snapshots(run_dir, step, total_steps, every, policy):
             kept.add(at)
     if snapshot_due(step, total_steps, every) and step not in kept:
         save_snapshot(run_dir, step, policy)
+
+
+def objective(args, flags):
+    """What a run optimises, as its checkpoint records it: {flag: value} (PPO's and GRPO's `OBJECTIVE_FLAGS`)."""
+    return {flag: getattr(args, flag) for flag in flags}
+
+
+def check_same_objective(state, args, flags):
+    """--resume: the run must go on optimising what its checkpoint was trained on; a changed flag among `flags` is
+    one line (a checkpoint older than this record passes)."""
+    for flag, value in state.get("objective", {}).items():
+        if flag in flags and value != getattr(args, flag):
+            raise UserError(
+                f"--resume: the checkpoint was trained with --{flag} {value}, not {getattr(args, flag)}: resume with "
+                f"the same --{flag}, or start afresh without --resume"
+            )
 
 
 def check_resumable(path):

@@ -12,7 +12,7 @@ declare -A SCRIPT=([data]=data_process.py [sft]=SFT_training.py [reward]=reward_
 declare -A FIXED=([gold]="--train_split gold_train" [grpo_oracle]="--reward_funcs oracle --run_name grpo_oracle")
 # What each stage reads: with --jobs 2, stages whose inputs are ready run side by side
 declare -A NEEDS=([data]="" [sft]=data [reward]=data [gold]=data [ppo]="sft reward" [grpo]="sft reward"
-  [grpo_oracle]=sft [dpo]="sft" [eval]="sft reward gold ppo grpo grpo_oracle dpo" [notebook]=eval)
+  [grpo_oracle]="data sft" [dpo]="data sft" [eval]="sft reward gold ppo grpo grpo_oracle dpo" [notebook]=eval)
 
 usage() {
   cat <<'EOF'

@@ -22,7 +22,7 @@ from lifecycle import (
 from reporting import read_metrics
 
 # the loss's settings as the seed's defaults have them (grpo loss, symmetric clip, the KL in the loss)
-LOSS = dict(loss_type="grpo", epsilon_high=None, kl_in="loss", max_new_tokens=5)
+LOSS = dict(loss_type="grpo", epsilon_high=None, kl_in="loss", max_new_tokens=5, mask_truncated_completions=False)
 LOSS_ARGS = SimpleNamespace(clip_range=0.2, entropy_coef=0.1, target_entropy=1.8, **LOSS)
 
 
@@ -162,6 +162,14 @@ def test_bad_settings_fail_with_one_line(work):
         grpo.main(tiny_args(work, "--group_size", 1))
     with pytest.raises(UserError, match="--resume: no checkpoint"):
         grpo.main(tiny_args(work, "--resume"))
+    with pytest.raises(UserError, match="--epsilon_high must be > 0, got 0.0"):
+        grpo.main(tiny_args(work, "--epsilon_high", 0))
+    for name in ("a/b", "ppo"):  # never a path, nor another script's folders
+        with pytest.raises(UserError, match=f"--run_name must start with grpo and be a folder name .*, got '{name}'"):
+            grpo.main(tiny_args(work, "--run_name", name))
+    for flag, value in (("--loss_type", "ppo"), ("--advantage", "gae"), ("--kl_in", "both")):
+        with pytest.raises(SystemExit):  # argparse's one line: "invalid choice", the choices named
+            tiny_args(work, flag, value)
 
 
 QUICK = ["--rollout_batch_size", 2, "--group_size", 2, "--eval_prompts", 4, "--eval_every", 2, "--save_every", 2]

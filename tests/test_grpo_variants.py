@@ -23,8 +23,9 @@ def std(values):  # unbiased, as torch.std
 
 
 def reference_advantages(scores, estimator, scaling, eps, others=()):
-    """The advantages by hand, a group (and a reply) at a time; `others`: the advantages of the other processes
-    (their batch std counts them too)."""
+    """The advantages by hand, a group (and a reply) at a time; `others`: what the other processes hold, their
+    advantages (the batch's advantage std counts them: group+batch, reinforce_pp) or their rewards (TRL's `batch`
+    divides by the std of every process's rewards)."""
     groups = [scores[i : i + G] for i in range(0, len(scores), G)]
     out = []
     for group in groups:
@@ -34,10 +35,12 @@ def reference_advantages(scores, estimator, scaling, eps, others=()):
                 a = r - (sum(group) - r) / (G - 1)
             else:
                 a = r - mean
-            if scaling in ("group", "group+batch") and estimator != "reinforce_pp":
+            if estimator != "reinforce_pp" and scaling in ("group", "group+batch"):
                 a /= std(group) + eps
+            elif estimator != "reinforce_pp" and scaling == "batch":
+                a /= std(list(scores) + list(others)) + eps
             out.append(0.0 if max(group) == min(group) else a)
-    if scaling in ("batch", "group+batch") or estimator == "reinforce_pp":
+    if estimator == "reinforce_pp" or scaling == "group+batch":
         spread = std(out + list(others))
         out = [a / (spread + eps) for a in out]
     return out
@@ -60,6 +63,13 @@ def test_rloo_is_the_group_baseline_scaled_by_g_over_g_minus_1_and_the_batch_std
     got = grpo.group_advantages(scores, G, "reinforce_pp", "none", 1e-4, gather=lambda a: torch.cat([a, other]))
     want = reference_advantages(SCORES, "reinforce_pp", "none", 1e-4, others=other.tolist())
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-6)
+    # TRL's scale_rewards="batch": (r - the group's mean) / (the std of every process's rewards + 1e-4)
+    other_rewards = torch.tensor([10.0, 11.0, -3.0, 0.0], dtype=torch.float64)
+    got = grpo.group_advantages(scores, G, "grpo", "batch", 1e-4, gather=lambda r: torch.cat([r, other_rewards]))
+    every = torch.cat([scores, other_rewards])
+    trl = (scores.view(-1, G) - scores.view(-1, G).mean(1, keepdim=True)).flatten() / (every.std() + 1e-4)
+    trl[4:8] = 0.0  # the all-equal group
+    torch.testing.assert_close(got, trl, rtol=0, atol=1e-12)
 
 
 # --- the loss ------------------------------------------------------------------------------------------------
@@ -75,10 +85,10 @@ def rollout(seed=0):
     return logprobs, old, ref, torch.tensor([1.0, -0.7, 0.4], dtype=torch.float64), mask
 
 
-def loss_args(loss_type, epsilon_high=None, kl_in="loss"):
+def loss_args(loss_type, epsilon_high=None, kl_in="loss", mask_truncated=False, entropy_coef=0.0):
     return SimpleNamespace(
-        clip_range=0.2, epsilon_high=epsilon_high, entropy_coef=0.0, target_entropy=0.0, loss_type=loss_type,
-        kl_in=kl_in, max_new_tokens=8,
+        clip_range=0.2, epsilon_high=epsilon_high, entropy_coef=entropy_coef, target_entropy=0.0, loss_type=loss_type,
+        kl_in=kl_in, max_new_tokens=8, mask_truncated_completions=mask_truncated,
     )  # fmt: skip
 
 
@@ -131,6 +141,24 @@ def test_with_the_kl_in_the_reward_the_loss_has_no_kl_term():
     want = reference_loss(logprobs, old, ref, advantages, mask, "grpo", 0.2, 0.2, 0.0)
     assert loss.item() == pytest.approx(want, abs=1e-9) and stats["grpo/kl_loss"].item() == 0
     assert stats["objective/kl"].item() > 0  # still measured
+
+
+def test_a_masked_truncated_reply_leaves_the_loss_and_the_entropy_but_not_the_logged_kl():
+    """--mask_truncated_completions: the first reply (all 6 tokens, no EOS) is out of the loss and of the entropy
+    term's per-reply mean, whose mean runs over the two replies left; the logged KL still counts its tokens."""
+    logprobs, old, ref, advantages, reply_mask = rollout(3)
+    mask = reply_mask.clone()
+    mask[0] = 0
+    entropy = torch.rand(3, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    args = loss_args("grpo", mask_truncated=True, entropy_coef=0.1)
+    loss, stats = grpo.grpo_loss(logprobs, old, ref, advantages, entropy, mask, args, 0.05, reply_mask=reply_mask)
+    kept = [(entropy[i] * mask[i]).sum() / mask[i].sum() for i in (1, 2)]
+    assert stats["objective/entropy"].item() == pytest.approx(sum(kept).item() / 2, abs=1e-12)
+    want = reference_loss(logprobs, old, ref, advantages, mask, "grpo", 0.2, 0.2, 0.05)  # replies 2 and 3, over 3
+    assert loss.item() == pytest.approx(want + 0.1 * stats["objective/entropy"].item() ** 2, abs=1e-9)
+    d = (ref - logprobs).detach()
+    k3 = ((d.exp() - d - 1) * reply_mask).sum(1).mean()
+    assert stats["objective/kl"].item() == pytest.approx(k3.item(), abs=1e-9)
 
 
 def trl_loss(logprobs, old, ref, advantages, mask, loss_type, low, high, beta):

@@ -93,6 +93,7 @@ USER_MISTAKES = [
         r"reward nan \(not finite\) for reply 1",
     ),
     ("bad_rewards:f", "def f(prompts, replies):\n    return None\n", "expected a list of 2 numbers, got NoneType"),
+    ("bad_rewards:f", "import torch\ndef f(prompts, replies):\n    return torch.ones(2, 2)\n", "got Tensor"),
     ("bad_rewards:f", "raise RuntimeError('broken module')\n", r"cannot import bad_rewards \(broken module\)"),
     ("lenght", "", "--reward_funcs lenght: unknown; expected model, gold, oracle, length or module:function"),
 ]
@@ -171,6 +172,14 @@ def test_grpo_against_the_oracle_with_the_variants_then_the_evaluation_shows_it(
     assert (
         "Its reward: 1 x oracle + 0.01 x length, less 0.5 for a reply that never ended."
         in (final / "README.md").read_text()
+    )
+
+    # a --resume that would change what the run optimises is one line, before any step
+    swapped = [*argv[: argv.index("--loss_type")], "--loss_type", "grpo", *argv[argv.index("--loss_type") + 2 :]]
+    proc = run_script("GRPO_training.py", *swapped, "--total_steps", 3, "--resume", check=False)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].endswith(
+        "--resume: the checkpoint was trained with --loss_type dapo, not grpo: resume with the same --loss_type, or "
+        "start afresh without --resume"
     )
 
     run_script("evaluate_models.py", "--preset", "tiny", "--work_dir", work, "--num_prompts", 8, "--best_of_n", 0)
