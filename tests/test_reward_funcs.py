@@ -158,7 +158,9 @@ def test_grpo_against_the_oracle_with_the_variants_then_the_evaluation_shows_it(
             "--reward_funcs", "oracle,length", "--reward_weights", "1,0.01", "--missing_eos_penalty", 0.5,
             "--run_name", "grpo_oracle", "--advantage", "rloo", "--kl_in", "reward", "--loss_type", "dapo",
             "--updates_per_rollout", 2, "--epsilon_high", 0.28, "--mask_truncated_completions"]  # fmt: skip
-    run_script("GRPO_training.py", *argv)
+    out = run_script("GRPO_training.py", *argv).stdout
+    # tiny replies run to about 30 tokens: at 16 most are cut, said once
+    assert out.count("of the replies hit --max_new_tokens 16 without ending") == 1, out[-2000:]
     best, final = (work / name for name in grpo_dirs("grpo_oracle"))
     assert (best / "best.json").is_file() and (final / "config.json").is_file()
     assert (work / "runs" / "grpo_oracle" / "snapshots" / "step-1").is_dir()
