@@ -394,7 +394,8 @@ def grpo_step(policy, reference, reward, tokenizer, optimizer, prompts, args, kl
     """One GRPO step on this process's `prompts`: sample groups, score, advantages, reference log-probs, update(s).
 
     Returns the samples, the scores of every process's replies (gathered), the loss statistics of
-    each update and this process's mean of each reward function. A non-finite loss on any process stops them all with `stop_hint` in the message.
+    each update and this process's mean of each reward function. A non-finite loss on any process
+    stops them all with `stop_hint` in the message.
     """
     # 1. sample a group of replies per prompt, stopped and masked at the first EOS
     samples = generate_responses(
@@ -409,7 +410,7 @@ def grpo_step(policy, reference, reward, tokenizer, optimizer, prompts, args, kl
         compile=args.compile_generation,
     )
     input_ids, attention_mask = samples.input_ids, samples.attention_mask  # (N, P + R), N = prompts x G
-    truncated = ~samples.response_ids.eq(tokenizer.eos_token_id).any(1)  # (N,) hit max_new_tokens without ending
+    truncated = ~samples.ended(tokenizer.eos_token_id)  # (N,) hit max_new_tokens without ending
     mask = samples.response_mask  # (N, R)
     if args.mask_truncated_completions:
         mask = mask * ~truncated[:, None]
@@ -577,14 +578,14 @@ def main(args):
         samples, all_scores, update_stats, reward_parts = grpo_step(
             policy, reference, reward, tokenizer, optimizer, prompts, args, kl_coef, accelerator, hint
         )
-        attention_mask, response_ids, mask = samples.attention_mask, samples.response_ids, samples.response_mask
+        attention_mask, mask = samples.attention_mask, samples.response_mask
 
         # 6. metrics: per-process means gathered in one transfer, read once (each .item() would stall a GPU)
         local = {k: torch.stack([s[k] for s in update_stats]).mean() for k in update_stats[0]}
         local |= {
             "objective/kl": update_stats[0]["objective/kl"],  # per reply (k3 summed over its tokens), before updating
             "response/length": mask.sum(1).float().mean(),
-            "response/eos_share": (response_ids == tokenizer.eos_token_id).any(1).float().mean(),
+            "response/eos_share": samples.ended(tokenizer.eos_token_id).float().mean(),
             "tokens": attention_mask.sum().float() * world,  # the mean over processes times their number: the sum
             **reward_parts,  # each --reward_funcs, unweighted
         }

@@ -356,7 +356,7 @@ def ppo_step(model, ref_model, reward, tokenizer, optimizer, prompts, args, kl_c
         args.temperature, args.top_p, compile=args.compile_generation,
     )  # fmt: skip
     input_ids, attention_mask = samples.input_ids, samples.attention_mask  # (B, P + R)
-    response_ids, response_mask = samples.response_ids, samples.response_mask  # (B, R)
+    response_mask = samples.response_mask  # (B, R)
     context_length = samples.query_ids.shape[1]
     # real tokens through forward passes, as every script counts them: generation, reward model (same tokenizer
     # family, so about the full text's tokens), policy and reference, then each PPO epoch's pass over the rollout
@@ -424,7 +424,7 @@ def ppo_step(model, ref_model, reward, tokenizer, optimizer, prompts, args, kl_c
         "ppo/returns_mean": masked_mean(returns, response_mask),
         "ppo/advantages_mean": raw_advantages_mean,
         "response/length": response_mask.sum(1).float().mean(),
-        "response/eos_share": (response_ids == tokenizer.eos_token_id).any(1).float().mean(),
+        "response/eos_share": samples.ended(tokenizer.eos_token_id).float().mean(),
         **{f"reward/{name}": values.mean() for name, values in reward_parts.items()},  # each --reward_funcs, unweighted
     }
     return samples, scores, local, n_tokens

@@ -770,6 +770,11 @@ class Samples:
     def attention_mask(self):  # (B, P + R)
         return torch.cat([self.query_mask, self.response_mask], dim=1)
 
+    def ended(self, eos_token_id):
+        """(B,) bool: the reply ended, with an EOS in it (or a new turn made one); False for one cut at
+        max_new_tokens. The padding after an EOS is EOS too, so the EOS must lie within the reply's mask."""
+        return (self.response_ids.eq(eos_token_id) & self.response_mask.bool()).any(1)
+
 
 # --compile_generation: prompts are left padded to a multiple of COMPILE_PAD tokens (one compiled graph per width
 # and batch size, not one per prompt length), and the decode step is compiled with this backend and mode (inductor
@@ -982,7 +987,7 @@ class RewardMix:
                     else load_reward_model(args.work_dir, device, args, gold=name == "gold")
                 )
                 check_positions(model.config, args.reward_max_length, "--reward_max_length")
-                self.functions[name] = partial(_reward_model_scores, model, tokenizer, args.reward_max_length)
+                self.functions[name] = partial(get_reward, model, tokenizer, max_length=args.reward_max_length)
             elif name == "oracle":
                 oracle = load_oracle(args.work_dir)
                 check(oracle is not None, "--reward_funcs oracle: the oracle knows the tiny data only (--preset tiny)")
@@ -1004,9 +1009,7 @@ class RewardMix:
     def __call__(self, samples, tokenizer):
         """The rewards of `samples` (a `Samples`): (N,) on the samples' device, and {name: (N,)} raw values."""
         device = samples.response_ids.device
-        ended = (samples.response_ids.eq(tokenizer.eos_token_id) & samples.response_mask.bool()).any(
-            1
-        )  # an EOS (or a new turn become one) in the reply
+        ended = samples.ended(tokenizer.eos_token_id)
         parts = {}
         for name, function in self.functions.items():
             if function is None:
@@ -1018,10 +1021,6 @@ class RewardMix:
             parts[name] = values.to(device).float()
         total = sum(self.weights[name] * values for name, values in parts.items())
         return total - self.penalty * (~ended).float(), parts
-
-
-def _reward_model_scores(model, tokenizer, max_length, prompts, replies):
-    return get_reward(model, tokenizer, prompts, replies, max_length)
 
 
 def _oracle_rewards(oracle, prompts, replies):

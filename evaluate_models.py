@@ -328,12 +328,18 @@ def training_cost(folder):
     }
 
 
+def oracle_gain_ci(labels, other_labels, args):
+    """The 95% bootstrap interval of the gain in real answers ("good") of one model over another, paired by prompt."""
+    gain = (np.asarray(labels) == "good").astype(float) - (np.asarray(other_labels) == "good")
+    return bootstrap_ci(gain, args.bootstrap_samples, args.seed)
+
+
 def oracle_summary(labels, base_labels, labels_order, args, sft_labels=None):
     """The oracle's columns of one model: good share (95% CI), its gain over base (paired CI) and, for a policy that
     started from the SFT model (`sft_labels`: its labels), over SFT (paired CI), every label's share."""
-    good, base_good = np.asarray(labels) == "good", np.asarray(base_labels) == "good"
+    good = np.asarray(labels) == "good"
     low, high = bootstrap_ci(good, args.bootstrap_samples, args.seed)
-    gain_low, gain_high = bootstrap_ci(good.astype(float) - base_good, args.bootstrap_samples, args.seed)
+    gain_low, gain_high = oracle_gain_ci(labels, base_labels, args)
     row = {
         "oracle_good": good.mean(),
         "oracle_good_ci_low": low,
@@ -344,8 +350,7 @@ def oracle_summary(labels, base_labels, labels_order, args, sft_labels=None):
         "oracle_gain_over_sft_ci_high": np.nan,
     }
     if sft_labels is not None:
-        over_sft = good.astype(float) - (np.asarray(sft_labels) == "good")
-        low, high = bootstrap_ci(over_sft, args.bootstrap_samples, args.seed)
+        low, high = oracle_gain_ci(labels, sft_labels, args)
         row |= {"oracle_gain_over_sft_ci_low": low, "oracle_gain_over_sft_ci_high": high}
     return row | {f"oracle_{label}": float(np.mean(np.asarray(labels) == label)) for label in labels_order[1:]}
 
@@ -390,8 +395,7 @@ def summarize(results, costs, args, oracle_labels=None, starts=None):
             sft_labels = results["sft"]["oracle"] if from_sft else None
             row |= oracle_summary(out["oracle"], results["base"]["oracle"], oracle_labels, args, sft_labels)
         if oracle_labels and name == GRPO_ORACLE and "grpo" in results:  # what the proxy's blind spots cost GRPO
-            gap = np.equal(out["oracle"], "good").astype(float) - np.equal(results["grpo"]["oracle"], "good")
-            low, high = bootstrap_ci(gap, args.bootstrap_samples, args.seed)
+            low, high = oracle_gain_ci(out["oracle"], results["grpo"]["oracle"], args)
             row |= {"oracle_gain_over_grpo_ci_low": low, "oracle_gain_over_grpo_ci_high": high}
         rows.append(row)
     summary = pd.DataFrame(rows)

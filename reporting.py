@@ -271,7 +271,7 @@ BASE_LICENSES["tiny_gpt2"] = "mit"  # assets/tiny_gpt2: GPT-2's architecture and
 FAMILY_LICENSES = {
     "HuggingFaceTB/SmolLM2-": "apache-2.0",
     "EleutherAI/pythia-": "apache-2.0",
-    "Qwen/Qwen2.5-0.5B": ("apache-2.0"),
+    "Qwen/Qwen2.5-0.5B": "apache-2.0",
     "Qwen/Qwen2.5-1.5B": "apache-2.0",
     "Qwen/Qwen2-0.5B": "apache-2.0",
 }
