@@ -69,6 +69,9 @@ class Args(CommonArgs):
     train_subset: int = field(default=50_000, metadata={"help": "seeded subset of train pairs to keep (0 = all)"})
     test_subset: int = field(default=0, metadata={"help": "seeded subset of test pairs to keep (0 = all)"})
     validation_share: float = field(default=0.1, metadata={"help": "share of filtered train held out as validation"})
+    test_share: float = field(
+        default=0.1, metadata={"help": "share of the pairs held out as test where the data set has no test split"}
+    )
     gold_share: float = field(
         default=0.0,
         metadata={"help": "share of train moved into a gold_train split for a held-out gold reward model (0 = off)"},
@@ -106,14 +109,15 @@ def percentiles(lengths):
 def main(args):
     check(0 < args.validation_share < 1, f"--validation_share must be in (0, 1), got {args.validation_share}")
     check(0 <= args.gold_share < 1, f"--gold_share must be in [0, 1), got {args.gold_share}")
+    check(0 < args.test_share < 1, f"--test_share must be in (0, 1), got {args.test_share}")
     check(args.max_length > 0 and args.char_limit > 0, "--max_length and --char_limit must be positive")
     set_seed(args.seed)
     out_dir = Path(args.work_dir) / PROCESSED_DIR
     raw = load_preference_data(args.dataset)  # first: a mistyped --dataset path is said before the model loads
     tokenizer = load_tokenizer(args.model)
     if "test" not in raw:
-        print(f"{args.dataset} has no test split: holding out 10% of its pairs as test")
-        raw = raw["train"].train_test_split(test_size=0.1, seed=args.seed)
+        print(f"{args.dataset} has no test split: holding out {args.test_share:.0%} of its pairs as test")
+        raw = raw["train"].train_test_split(test_size=args.test_share, seed=args.seed)
 
     stats = {
         "base_model": resolve_model_name(args.model),

@@ -408,7 +408,7 @@ def main(args):
         hf_logging.set_verbosity_warning()
     if processes.is_main_process and not args.resume:
         print(f"a reward model: {args.model} with a new score head (a linear layer to one number, random at first)")
-    if processes.is_main_process and torch.cuda.is_available():
+    if processes.is_main_process and (torch.cuda.is_available() or "RLHF_CPU_BF16" in precision()[1]):
         print(f"precision: {precision()[1]}")
     built = json.loads((Path(args.work_dir) / PROCESSED_DIR / "stats.json").read_text())["max_length"]
     check_positions(model.config, built, f"{PROCESSED_DIR}'s --max_length")

@@ -13,6 +13,25 @@ declare -A FIXED=([gold]="--train_split gold_train" [grpo_oracle]="--reward_func
 # What each stage reads: with --jobs 2, stages whose inputs are ready run side by side
 declare -A NEEDS=([data]="" [sft]=data [reward]=data [gold]=data [ppo]="sft reward" [grpo]="sft reward"
   [grpo_oracle]="data sft" [dpo]="data sft" [eval]="sft reward gold ppo grpo grpo_oracle dpo" [notebook]=eval)
+# --preset real: SmolLM2-135M-Instruct (assets/get_smollm2.py) on real hh-rlhf rows, sized for a 2-core CPU in
+# bf16 (docs/real_rehearsal.md has the measurements behind each number). Each script's gpt2-preset defaults with
+# these flags put before the caller's own, which win.
+REAL_MODEL=models/SmolLM2-135M-Instruct
+rm_sizes="--per_device_train_batch_size 8 --gradient_accumulation_steps 1 --per_device_eval_batch_size 8"
+declare -A REAL=(
+  [data]="--test_share 0.25 --gold_share 0.2 --max_length 256"
+  [reward]="$rm_sizes --learning_rate 5e-5 --max_steps 100 --eval_steps 50 --save_steps 50 --logging_steps 5"
+  [gold]="$rm_sizes --learning_rate 5e-5 --max_steps 35 --eval_steps 35 --save_steps 35 --logging_steps 5"
+  [sft]="--max_steps 50 --max_seq_len 256 --learning_rate 2e-5 --eval_steps 25 --save_every 25 --max_eval_samples 64
+    --logging_steps 5"
+  [ppo]="--total_steps 20 --rollout_batch_size 8 --num_minibatches 2 --learning_rate 1e-5 --max_prompt_length 192
+    --max_new_tokens 48 --reward_max_length 256 --eval_prompts 32 --eval_batch_size 16 --save_every 10
+    --log_samples_every 10"
+  [grpo]="--total_steps 30 --rollout_batch_size 2 --group_size 4 --learning_rate 1e-5 --max_new_tokens 48
+    --reward_max_length 256 --eval_prompts 32 --eval_every 10 --eval_batch_size 16 --save_every 10"
+  [dpo]="--max_steps 40 --per_device_train_batch_size 4 --gradient_accumulation_steps 2 --learning_rate 1e-5
+    --max_seq_len 256 --eval_steps 20 --save_every 20 --max_eval_samples 64 --logging_steps 5"
+  [eval]="--num_prompts 128 --max_new_tokens 48 --reward_max_length 256 --frontier false")
 
 usage() {
   cat <<'EOF'
@@ -27,6 +46,8 @@ The stage `notebook` (only when named: --only notebook) executes analysis_notebo
 work dir's evaluation with nbconvert and saves it, outputs and figures, into --work_dir.
 
   --FLAG VALUE        goes to every stage: --preset, --work_dir, --seed, --model, ...
+  --preset real       SmolLM2-135M-Instruct (python assets/get_smollm2.py) on real hh-rlhf pairs (--data.dataset),
+                      sized for a 2-core CPU in bf16: about an hour (docs/real_rehearsal.md)
   --STAGE.FLAG VALUE  goes to one stage only: --ppo.total_steps 5, --dpo.max_steps 40, --eval.num_prompts 50
   --report_to T       the training stages' experiment trackers: tensorboard, wandb, trackio, or a comma list
   --from STAGE        start at STAGE; the earlier stages' outputs must be in --work_dir already
@@ -66,7 +87,7 @@ LAST_DEFAULT=$(stage_index eval) # the last stage run by default: the notebook r
 # Split the command line: flags for every stage, flags for one stage (`--ppo.x`), and the stage range.
 # A value is every word after a flag up to the next `--` word, so `--x 1`, `--x=1` and bare switches work.
 declare -A STAGE_ARGS=() SKIP=() WITH=()
-common=() first=0 last=$LAST_DEFAULT target=common jobs=
+common=() first=0 last=$LAST_DEFAULT target=common jobs= preset=
 while (($#)); do
   word=$1
   shift
@@ -80,6 +101,16 @@ while (($#)); do
         jobs=${word#--jobs=}
       fi
       [[ $jobs =~ ^[1-9][0-9]*$ ]] || die "--jobs needs a positive number of stages, got '$jobs'"
+      continue
+      ;;
+    --preset | --preset=*)
+      preset=${word#--preset=}
+      if [[ $word == --preset ]]; then
+        (($#)) || die "--preset needs a name (gpt2, tiny, real)"
+        preset=$1
+        shift
+      fi
+      [[ $preset == real ]] || common+=(--preset "$preset") # real: the gpt2 preset's scripts with REAL's flags
       continue
       ;;
     --report_to | --report_to=*) # a training script's flag: the data and eval stages have no trackers
@@ -138,6 +169,11 @@ while (($#)); do
 done
 
 for stage in "${OPT_IN[@]}"; do [[ -n ${WITH[$stage]:-} ]] || SKIP[$stage]=1; done
+if [[ $preset == real ]]; then
+  common=(--model "$REAL_MODEL" "${common[@]}")
+  for stage in "${!REAL[@]}"; do STAGE_ARGS[$stage]="${REAL[$stage]} ${STAGE_ARGS[$stage]:-}"; done
+  export RLHF_CPU_BF16=${RLHF_CPU_BF16:-1} # bf16 autocast where the CPU computes it natively (common.precision)
+fi
 
 # --work_dir must exist before the first script writes into it
 work_dir=.
@@ -155,7 +191,8 @@ mkdir -p "$work_dir"
 # data, the evaluation) gets every job's core: the evaluation then runs that many processes of one
 # thread each (`evaluate_models.py --workers`), the same table as one process makes.
 alone_threads=
-tiny_preset() { [[ " ${common[*]} " == *" --preset tiny "* || " ${common[*]} " == *" --preset=tiny "* ]]; }
+# (SmolLM2 in bf16 runs 1.8x faster on two threads than on one: --preset real runs one stage at a time, on every core)
+tiny_preset() { [[ $preset == tiny ]]; }
 if tiny_preset; then
   cores=$(OMP_NUM_THREADS='' nproc) # nproc counts OMP_NUM_THREADS
   [[ -n $jobs ]] || jobs=$((cores >= 2 ? 2 : 1))

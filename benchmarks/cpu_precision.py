@@ -39,7 +39,7 @@ def compare(name, model, batch, width, repeats):
     torch.manual_seed(0)
     vocab = model.config.vocab_size
     ids, mask, context = torch.randint(0, vocab, (batch, width)), torch.ones(batch, width, dtype=torch.long), width // 2
-    policies = {"fp32": lambda: ("fp32", "measured"), "bf16": lambda: ("bf16", "measured")}
+    policies = {"fp32": lambda device=None: ("fp32", "measured"), "bf16": lambda device=None: ("bf16", "measured")}
     original = common.precision
     times, logprobs = {"fp32": [], "bf16": []}, {}
     try:
@@ -61,7 +61,12 @@ def main():
     parser.add_argument("--tokenizer", required=True, help="GPT-2's tokenizer folder (its vocabulary size is used)")
     parser.add_argument("--n_layer", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--model", help="also a model folder (any causal LM, e.g. SmolLM2-135M), at --batch x --width")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--width", type=int, default=256)
     args = parser.parse_args()
+    if args.model and not Path(args.model).is_dir():
+        raise UserError(f"--model {args.model}: no such folder")
     if not Path(args.tokenizer).is_dir():
         raise UserError(f"--tokenizer {args.tokenizer}: no such folder")
     tokenizer = common.load_tokenizer(args.tokenizer)
@@ -75,6 +80,9 @@ def main():
     gpt2 = GPT2LMHeadModel(config).eval()
     common.fp32_head(gpt2.lm_head)
     compare(f"random GPT-2 ({args.n_layer} layers)", gpt2, 4, 256, args.repeats)
+    if args.model:
+        model = common.load_causal_lm(args.model, common.load_tokenizer(args.model)).eval()
+        compare(Path(args.model).name, model, args.batch, args.width, args.repeats)
 
 
 if __name__ == "__main__":
