@@ -68,6 +68,7 @@ from common import (
     load_causal_lm,
     load_optimizer_state,
     load_processed_data,
+    load_reward_model,
     load_tokenizer,
     make_accelerator,
     pair_length,
@@ -79,8 +80,11 @@ from common import (
     unwrap,
 )
 from lifecycle import (
+    DPO_BEST_DIR,
     DPO_DIR,
     FINISHING,
+    REWARD_MODEL_DIR,
+    LiveEvalArgs,
     PolicyArgs,
     UserError,
     atomic_write_json,
@@ -95,11 +99,12 @@ from lifecycle import (
     snapshot_due,
     sync_snapshots,
 )
+from live_eval import LiveEval, Monitor, check_live_eval_args, save_best
 from reporting import MetricsLogger, card_writer, end_run, plot_metrics, start_tracking
 
 
 @dataclass
-class Args(PolicyArgs):
+class Args(PolicyArgs, LiveEvalArgs):
     # data
     max_train_samples: int = field(default=0, metadata={"help": "use the first N pairs of the train split (0 = all)"})
     max_eval_samples: int = field(default=0, metadata={"help": "use the first N validation pairs (0 = all)"})
@@ -163,6 +168,9 @@ TINY = dict(
     eval_steps=20,
     save_every=20,
     snapshot_every=10,
+    eval_every=10,
+    eval_prompts=64,
+    reward_max_length=256,
 )
 
 RUN_NAME = "dpo"
@@ -176,6 +184,10 @@ PLOT_KEYS = (
     "dpo/rewards/rejected",
     "dpo/kl",
     "train/learning_rate",
+    "eval/proxy",
+    "eval/gold",
+    "eval/oracle",
+    "eval/sample_kl",
 )
 
 
@@ -343,6 +355,7 @@ def main(args):
     check(
         min(args.max_train_samples, args.max_eval_samples, args.eval_steps, args.max_steps) >= 0, "counts must be >= 0"
     )
+    check_live_eval_args(args)
     run_dir = Path(args.work_dir) / "runs" / RUN_NAME
     accelerator = make_accelerator(args, run_dir)
     accelerator.gradient_accumulation_steps = args.gradient_accumulation_steps
@@ -383,6 +396,22 @@ def main(args):
     disable_dropout(policy)
     disable_dropout(ref_model)
     check_positions(policy.config, args.max_seq_len, "--max_seq_len")
+    # held-out scores while training (live_eval.py): they need the proxy reward model, which DPO itself does not
+    live = None
+    if args.eval_every and (Path(args.work_dir) / REWARD_MODEL_DIR / "config.json").is_file():
+        proxy = load_reward_model(args.work_dir, accelerator.device, args)
+        rank, world = accelerator.process_index, accelerator.num_processes
+        live = LiveEval(args, data, tokenizer, ref_model, proxy, accelerator.device, rank=rank, world=world)
+    elif args.eval_every:
+        check(
+            args.select_by == "proxy" and not args.stop_on_overoptimization,
+            f"--select_by {args.select_by} and --stop_on_overoptimization need held-out scores, and those the proxy "
+            f"reward model: {Path(args.work_dir) / REWARD_MODEL_DIR} not found",
+        )
+        if is_main:
+            print(
+                f"no held-out scores while training (--eval_every): {Path(args.work_dir) / REWARD_MODEL_DIR} not found"
+            )
 
     # optimiser: AdamW, linear warm-up then linear decay to 0
     num_processes = accelerator.num_processes
@@ -394,7 +423,7 @@ def main(args):
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(args.warmup_ratio * total_steps) * num_processes, total_steps * num_processes
     )
-    step, eval_metrics = 0, None
+    step, eval_metrics, state = 0, None, {}
     if args.resume:
         state = load_checkpoint(checkpoint_path)
         policy.load_state_dict(state["model"])
@@ -412,7 +441,12 @@ def main(args):
                 f"--resume: the checkpoint's run had {state['total_steps']} steps, this one {total_steps}: the "
                 f"learning rate follows the schedule of {total_steps} steps from step {step} on ({rates[0]:.3g})"
             )
-        print(f"resumed from {checkpoint_path} at step {step}{FINISHING if step == total_steps else ''}")
+    monitor = Monitor(live, args, state.get("monitor")) if live else None
+    last_step = (monitor and monitor.stopped) or total_steps  # --max_steps, or where the alarm stopped the run
+    if args.resume:
+        print(f"resumed from {checkpoint_path} at step {step}{FINISHING if step == last_step else ''}")
+        if monitor and monitor.stopped:
+            print(monitor.finished_line())
     policy, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         policy, optimizer, train_loader, val_loader, scheduler
     )
@@ -453,11 +487,20 @@ def main(args):
                 "step": step,
                 "total_steps": total_steps,
                 "last_eval": eval_metrics,
+                "monitor": monitor.state() if monitor else None,
             }
             save_checkpoint(checkpoint_path, state)
             if step < total_steps:  # the curves so far (the last step's are drawn with the final policy)
                 plot_metrics(logger.path, PLOT_KEYS, run_dir / f"{RUN_NAME}_curves.png", title="DPO")
 
+    def evaluate_held_out(step):
+        """The held-out evaluation at `step` (live_eval.py), identical on every process; its tokens counted."""
+        metrics = monitor(step, policy, say=tqdm.write if is_main else lambda line: None)
+        count_tokens(monitor.tokens if is_main else 0)
+        return metrics
+
+    if monitor and not monitor.history:  # the start model is the first candidate: dpo_best/ is never worse
+        logger.log(0, evaluate_held_out(0))
     last_saved = step if args.resume else None
     if is_main:
         sync_snapshots(run_dir, step, total_steps, args.snapshot_every, unwrap(policy))
@@ -465,7 +508,7 @@ def main(args):
     bar = tqdm(total=total_steps, initial=step, desc="dpo", disable=not is_main)
     policy.train()
     epochs = range(step // steps_per_epoch, math.ceil(total_steps / steps_per_epoch))
-    if step == total_steps:  # resumed at the last step: only the save is left
+    if step == last_step:  # resumed at the last step: only the save is left
         epochs = []
     for epoch in epochs:
         train_loader.set_epoch(epoch)
@@ -500,19 +543,21 @@ def main(args):
                 bar.set_postfix(
                     loss=f"{record['dpo/loss']:.3f}", acc=f"{record['dpo/rewards/accuracies']:.2f}", refresh=False
                 )
-            if (args.eval_steps and step % args.eval_steps == 0) or step == total_steps:
-                eval_metrics = evaluate_and_count()
+            if monitor and (step % args.eval_every == 0 or step == total_steps):
+                record |= evaluate_held_out(step)
+            if (args.eval_steps and step % args.eval_steps == 0) or step == total_steps or (monitor and monitor.stop):
+                eval_metrics = evaluate_and_count()  # the validation pairs' loss: at the end, wherever that is
                 record |= eval_metrics
             if record:
                 logger.log(step, record)
             if is_main and snapshot_due(step, total_steps, args.snapshot_every):
                 save_snapshot(run_dir, step, unwrap(policy))
-            if step % args.save_every == 0 or step == total_steps:
+            if step % args.save_every == 0 or step == total_steps or (monitor and monitor.stop):
                 save(step)
                 last_saved = step
-            if step == total_steps:
+            if step == total_steps or (monitor and monitor.stop):
                 break
-        if step == total_steps:
+        if step == total_steps or (monitor and monitor.stop):
             break
     bar.close()
     if eval_metrics is None:  # resumed at the end from a checkpoint written before they were kept in it
@@ -527,21 +572,26 @@ def main(args):
         )
         plot_metrics(logger.path, PLOT_KEYS, run_dir / f"{RUN_NAME}_curves.png", title="DPO")
         results = {"split": "validation", "pairs": len(val_set), "step": step, **eval_metrics}
-        save_pretrained_atomic(
-            Path(args.work_dir) / DPO_DIR,
-            policy,
-            tokenizer,
-            extra={
-                "metrics.jsonl": lambda path: shutil.copy(logger.path, path),
-                f"{RUN_NAME}_curves.png": lambda path: shutil.copy(run_dir / f"{RUN_NAME}_curves.png", path),
-                "args.json": lambda path: save_args(args, path),
-                "eval_results.json": lambda path: atomic_write_json(path, results),
-                "README.md": card_writer(
-                    "dpo", args, results, "DPO_training.py", TINY, curves=f"{RUN_NAME}_curves.png"
-                ),
-            },
-        )
+        files = {  # what the final folder and dpo_best/ both hold
+            "metrics.jsonl": lambda path: shutil.copy(logger.path, path),
+            f"{RUN_NAME}_curves.png": lambda path: shutil.copy(run_dir / f"{RUN_NAME}_curves.png", path),
+            "args.json": lambda path: save_args(args, path),
+        }
+
+        def card(results, title=None):
+            return card_writer(
+                "dpo", args, results, "DPO_training.py", TINY, curves=f"{RUN_NAME}_curves.png", title=title
+            )
+
+        stopped = monitor and monitor.stopped and f"DPO policy, step {step} (stopped by the over-optimisation alarm)"
+        extra = files | {
+            "eval_results.json": lambda path: atomic_write_json(path, results),
+            "README.md": card(results, stopped or None),
+        }
+        save_pretrained_atomic(Path(args.work_dir) / DPO_DIR, policy, tokenizer, extra=extra)
         print(f"wrote {Path(args.work_dir) / DPO_DIR}")
+        if monitor:  # the best held-out checkpoint by --select_by
+            save_best(monitor, Path(args.work_dir) / DPO_BEST_DIR, start, tokenizer, "DPO", files, card)
     end_run(accelerator, args, Path(args.work_dir) / DPO_DIR)
     return unwrap(policy)
 

@@ -70,6 +70,7 @@ from common import (
     load_causal_lm,
     load_optimizer_state,
     load_processed_data,
+    load_reward_model,
     load_tokenizer,
     make_accelerator,
     masked_mean,
@@ -84,6 +85,7 @@ from lifecycle import (
     REWARD_FLAGS,
     RUN_ID_FILE,
     GenerationArgs,
+    LiveEvalArgs,
     PolicyArgs,
     RewardArgs,
     UserError,
@@ -102,6 +104,7 @@ from lifecycle import (
     snapshot_due,
     sync_snapshots,
 )
+from live_eval import LiveEval, Monitor, check_live_eval_args
 from reporting import MetricsLogger, card_writer, end_run, plot_metrics, read_metrics, start_tracking
 
 RUN_NAME = "grpo"  # the default --run_name: runs/grpo/, grpo_best/, grpo_rlhf_model/
@@ -113,7 +116,7 @@ OBJECTIVE_FLAGS = (*REWARD_FLAGS, "advantage", "scale_rewards", "loss_type", "kl
 
 
 @dataclass
-class Args(PolicyArgs, GenerationArgs, RewardArgs):
+class Args(PolicyArgs, GenerationArgs, RewardArgs, LiveEvalArgs):
     # the switches an older command line may still give, each answered in one line (lifecycle.parse_args)
     GONE_FLAGS: ClassVar[dict] = {
         flag: "--scale_rewards group+batch is what it did (the default), --scale_rewards group what turning it off did"
@@ -124,7 +127,6 @@ class Args(PolicyArgs, GenerationArgs, RewardArgs):
     reward_max_length: int = field(
         default=512, metadata={"help": "tokens the reward model reads (its training length)"}
     )
-    eval_prompts: int = field(default=128, metadata={"help": "fixed held-out validation prompts for --eval_every"})
     # generation
     max_new_tokens: int = field(default=32, metadata={"help": "reply length limit in tokens"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use the same)"})
@@ -185,7 +187,6 @@ class Args(PolicyArgs, GenerationArgs, RewardArgs):
     entropy_coef: float = field(default=0.1, metadata={"help": "weight of (H - target_entropy)^2"})
     target_entropy: float = field(default=1.8, metadata={"help": "per-token entropy the policy is held near"})
     # output
-    eval_every: int = field(default=100, metadata={"help": "steps between held-out evaluations (best checkpoint)"})
     eval_batch_size: int = field(default=64, metadata={"help": "prompts per generate call when evaluating"})
     run_name: str = field(
         default=RUN_NAME,
@@ -218,6 +219,9 @@ TINY = dict(
 CURVES = [
     "objective/scores",
     "eval/reward",
+    "eval/gold",
+    "eval/oracle",
+    "eval/sample_kl",
     "objective/kl",
     "objective/entropy",
     "grpo/loss",
@@ -338,52 +342,6 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, entropy, mask, a
     return loss, {k: v.detach() for k, v in stats.items()}
 
 
-def sample_and_score(model, tokenizer, reward, prompts, args, seed):
-    """One sampled reply per prompt under a fixed seed, scored by `reward` (the run's `RewardMix`).
-
-    The seed is set inside `fork_rng`, so the caller's random stream is untouched and two calls
-    with the same model give the same replies. Returns scores (N,), replies, lengths (N,) in
-    tokens (EOS included) and the number of tokens generated (prompts included).
-    """
-    scores, replies, lengths, tokens = [], [], [], 0
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        for i in range(0, len(prompts), args.eval_batch_size):
-            batch = prompts[i : i + args.eval_batch_size]
-            samples = generate_responses(
-                model, tokenizer, batch, args.max_prompt_length, args.max_new_tokens, args.temperature, args.top_p,
-                compile=args.compile_generation,
-            )  # fmt: skip
-            scores.append(reward(samples, tokenizer)[0])
-            replies += samples.responses
-            lengths.append(samples.response_mask.sum(1).cpu())
-            tokens += samples.attention_mask.sum()
-    return {
-        "scores": torch.cat(scores).cpu(),
-        "replies": replies,
-        "lengths": torch.cat(lengths),
-        "tokens": int(tokens),
-    }
-
-
-def summarize(scores, replies, lengths):
-    """Mean reward with its standard error, distinct-reply share and mean length (in tokens, EOS included)."""
-    return {
-        "reward": scores.mean().item(),
-        "reward_se": (scores.std() / len(scores) ** 0.5).item(),
-        "distinct_share": len(set(replies)) / len(replies),
-        "length": lengths.float().mean().item(),
-    }
-
-
-def update_best(best, step, reward, model):
-    """The best evaluation so far: `best` unless `reward` beats it, then this step with a CPU copy of the weights."""
-    if best is not None and reward <= best["eval/reward"]:
-        return best
-    state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
-    return {"step": step, "eval/reward": reward, "state": state}
-
-
 def prompt_order(num_prompts, needed, seed):
     """A seeded sequence of prompt indices, one permutation after another: resuming at step s draws the same."""
     rng = np.random.default_rng(seed)
@@ -467,7 +425,7 @@ def main(args):
     check(
         args.group_size >= 2, f"--group_size must be at least 2 (a group of one has no baseline), got {args.group_size}"
     )
-    check(args.eval_prompts >= 1 and args.eval_batch_size >= 1, "--eval_prompts and --eval_batch_size must be >= 1")
+    check_live_eval_args(args)
     check(
         args.max_new_tokens >= 1 and args.max_prompt_length >= 1,
         "--max_new_tokens and --max_prompt_length must be at least 1",
@@ -501,13 +459,9 @@ def main(args):
         remove_leftovers(run_dir, args.work_dir)
     set_seed(args.seed)
 
-    # data: train prompts for rollouts, a fixed slice of validation prompts for evaluation
+    # data: train prompts for rollouts (the held-out ones: live_eval.py)
     data = load_processed_data(args)
     train_prompts = list(data["train"]["prompt"])
-    eval_prompts = list(data["validation"]["prompt"])[: args.eval_prompts]
-    if len(eval_prompts) < args.eval_prompts and is_main:
-        print(f"the validation split has {len(eval_prompts)} prompts: evaluating on all of them")
-    check(len(eval_prompts) >= world, f"--eval_prompts: {len(eval_prompts)} prompts for {world} processes")
     order = prompt_order(len(train_prompts), args.total_steps * args.rollout_batch_size * world, args.seed)
 
     # models: the policy (trained) and its frozen reference, both the start model (sft_model/ or the base model:
@@ -520,23 +474,29 @@ def main(args):
     reward = RewardMix(args, device)  # what GRPO maximises: the reward model unless --reward_funcs says otherwise
     if is_main and args.reward_funcs != "model":
         print(f"reward: {reward.describe()}")
+    proxy = load_reward_model(args.work_dir, device, args)  # the held-out judges: live_eval.py
+    live = LiveEval(args, data, tokenizer, reference, proxy, device, reward=reward, rank=rank, world=world)
     policy.eval()  # dropout off: the loss's log-probs are those of the policy that sampled
     optimizer = adamw(policy.parameters(), args.learning_rate, args.weight_decay, accelerator.device)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)
 
     # one id per run, written into both output folders: evaluation can tell a pair from two runs
-    start_step, best, run_id = 0, None, uuid.uuid4().hex[:12]
+    start_step, run_id, state = 0, uuid.uuid4().hex[:12], {}
     if args.resume:
         state = load_checkpoint(ckpt_path)
         unwrap(policy).load_state_dict(state["policy"])
         load_optimizer_state(optimizer, state["optimizer"])
         check_same_objective(state, args, OBJECTIVE_FLAGS)
-        start_step, best, kl_ctl.value = state["step"], state["best"], state["kl_coef"]
+        start_step, kl_ctl.value = state["step"], state["kl_coef"]
         run_id = state.get("run_id", run_id)
         check(start_step <= args.total_steps, f"--resume: the checkpoint is at step {start_step} > --total_steps")
-        if is_main:
-            print(f"resumed from {ckpt_path} at step {start_step}{FINISHING if start_step == args.total_steps else ''}")
+    monitor = Monitor(live, args, state.get("monitor"))
+    last_step = monitor.stopped or args.total_steps  # where the run ends: --total_steps, or where the alarm stopped it
+    if args.resume and is_main:
+        print(f"resumed from {ckpt_path} at step {start_step}{FINISHING if start_step == last_step else ''}")
+        if monitor.stopped:
+            print(monitor.finished_line())
     resume_step = start_step if args.resume else None
     start_tracking(accelerator, args, run_dir, args.run_name, resume_step)
     logger = MetricsLogger(run_dir / "metrics.jsonl", resume_step=resume_step, enabled=is_main, tracker=accelerator)
@@ -545,28 +505,18 @@ def main(args):
         sync_snapshots(run_dir, start_step, args.total_steps, args.snapshot_every, unwrap(policy))
 
     def evaluate(step):
-        """Held-out mean reward, identical on every process (each samples its share, then all gather)."""
-        result = sample_and_score(unwrap(policy), tokenizer, reward, eval_prompts[rank::world], args, args.seed + rank)
-        logger.add_tokens(2 * sum(gather_object([result["tokens"]])))  # generation, then the reward model
-        summary = summarize(
-            torch.tensor(gather_object(result["scores"].tolist())),
-            gather_object(result["replies"]),
-            torch.tensor(gather_object(result["lengths"].tolist())),
-        )
-        if is_main:
-            tqdm.write(f"step {step} | mean eval reward {summary['reward']:+.3f} over {len(eval_prompts)} prompts")
-            for score, reply in list(zip(result["scores"].tolist(), result["replies"]))[:2]:
-                tqdm.write(f"    a reply scored {score:+.2f}: {reply[:100]!r}")
-        return {f"eval/{k}": v for k, v in summary.items()}
+        """The held-out evaluation at `step` (live_eval.py), identical on every process; its tokens counted."""
+        metrics = monitor(step, policy, say=tqdm.write if is_main else lambda line: None)
+        logger.add_tokens(monitor.tokens)
+        return metrics
 
-    if best is None:  # the base model is the first candidate: grpo_best/ is never worse than it on this set
-        record = logger.log(0, evaluate(0))
-        best = update_best(None, 0, record["eval/reward"], policy)
+    if not monitor.history and args.eval_every:  # the start model is the first candidate: NAME_best/ is never worse
+        logger.log(0, evaluate(0))
 
     # counted by hand, not by iterating: into a log file (a redraw every 30 s) an iterating bar shows a stale count
     progress = tqdm(total=args.total_steps, initial=start_step, desc="grpo", disable=not is_main)
     truncation_warned = False
-    for step in range(start_step + 1, args.total_steps + 1):
+    for step in range(start_step + 1, last_step + 1):
         first = ((step - 1) * world + rank) * args.rollout_batch_size
         prompts = [train_prompts[i] for i in order[first : first + args.rollout_batch_size]]
         # 1-5. sample, score, group advantages, reference log-probs, the update(s): `grpo_step` above
@@ -614,9 +564,8 @@ def main(args):
         # 7. adaptive KL on the per-reply KL, measured before the update
         if args.adapt_kl:
             kl_ctl.update(metrics["objective/kl"], len(all_scores))
-        if step % args.eval_every == 0 or step == args.total_steps:
+        if args.eval_every and (step % args.eval_every == 0 or step == args.total_steps):
             metrics |= evaluate(step)
-            best = update_best(best, step, metrics["eval/reward"], policy)
         logger.log(step, metrics)
         progress.set_postfix(
             score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}", refresh=False
@@ -625,7 +574,7 @@ def main(args):
 
         if is_main and snapshot_due(step, args.total_steps, args.snapshot_every):
             save_snapshot(run_dir, step, unwrap(policy))
-        if step % args.save_every == 0 or step == args.total_steps:
+        if step % args.save_every == 0 or step == args.total_steps or monitor.stop:
             if is_main:
                 save_checkpoint(
                     ckpt_path,
@@ -633,15 +582,20 @@ def main(args):
                         "policy": unwrap(policy).state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "step": step,
-                        "best": best,
+                        "monitor": monitor.state(),
                         "kl_coef": kl_ctl.value,
                         "run_id": run_id,
                         "objective": objective(args, OBJECTIVE_FLAGS),
                     },
                 )
-                if step < args.total_steps:  # the curves so far (the last step's are drawn with the final policy)
+                if (
+                    step < args.total_steps and not monitor.stop
+                ):  # the curves so far (the last step's are drawn with the final policy)
                     plot_metrics(run_dir / "metrics.jsonl", CURVES, run_dir / "grpo_curves.png", "GRPO")
             accelerator.wait_for_everyone()
+        if monitor.stop:
+            last_step = step
+            break
     progress.close()
 
     # 8. save the final policy and the best-by-held-out-reward one, each with the run's metrics, curves and card
@@ -652,7 +606,7 @@ def main(args):
         def folder_files(step, title):
             """What both folders hold; eval_results.json is the held-out evaluation logged at `step`."""
             record = next(r for r in records if r["step"] == step and "eval/reward" in r)
-            results = {"split": "validation", "prompts": len(eval_prompts), "step": step}
+            results = {"split": "validation", "prompts": len(live.prompts), "step": step}
             results |= {k: v for k, v in record.items() if k.startswith("eval/")}
             return {
                 "metrics.jsonl": lambda p: shutil.copy(run_dir / "metrics.jsonl", p),
@@ -672,16 +626,20 @@ def main(args):
                 ),
             }
 
-        final_title, best_title = f"GRPO policy, step {args.total_steps}", f"GRPO policy, best step {best['step']}"
-        save_pretrained_atomic(
-            Path(args.work_dir) / final_dir, policy, tokenizer, extra=folder_files(args.total_steps, final_title)
+        best = monitor.best
+        final_title = f"GRPO policy, step {last_step}" + (
+            " (stopped by the over-optimisation alarm)" if monitor.stopped else ""
         )
-        best_policy = load_causal_lm(start, tokenizer)
-        best_policy.load_state_dict(best["state"])
-        best_info = {"step": best["step"], "eval/reward": best["eval/reward"], "eval_prompts": len(eval_prompts)}
-        extra = folder_files(best["step"], best_title) | {"best.json": lambda p: atomic_write_json(p, best_info)}
-        save_pretrained_atomic(Path(args.work_dir) / best_dir, best_policy, tokenizer, extra=extra)
-        print(f"best held-out reward {best['eval/reward']:.4f} at step {best['step']} -> {args.work_dir}/{best_dir}")
+        best_title = f"GRPO policy, best step {best.saved['step']} by held-out {args.select_by}"
+        save_pretrained_atomic(
+            Path(args.work_dir) / final_dir, policy, tokenizer, extra=folder_files(last_step, final_title)
+        )
+        extra = folder_files(best.saved["step"], best_title)
+        extra["best.json"] = lambda p: atomic_write_json(p, best.info(len(live.prompts)))
+        save_pretrained_atomic(
+            Path(args.work_dir) / best_dir, monitor.best_policy(start, tokenizer), tokenizer, extra=extra
+        )
+        print(best.line(args.work_dir, best_dir))
         print(f"final policy -> {args.work_dir}/{final_dir}")
     end_run(accelerator, args, Path(args.work_dir) / best_dir)  # what evaluate_models.py reports as GRPO
     return unwrap(policy)

@@ -93,9 +93,11 @@ from common import (
 )
 from lifecycle import (
     FINISHING,
+    PPO_BEST_DIR,
     PPO_DIR,
     REWARD_FLAGS,
     GenerationArgs,
+    LiveEvalArgs,
     PolicyArgs,
     RewardArgs,
     UserError,
@@ -112,11 +114,12 @@ from lifecycle import (
     snapshot_due,
     sync_snapshots,
 )
+from live_eval import LiveEval, Monitor, check_live_eval_args, save_best
 from reporting import MetricsLogger, card_writer, end_run, plot_metrics, start_tracking
 
 
 @dataclass
-class Args(PolicyArgs, GenerationArgs, RewardArgs):
+class Args(PolicyArgs, GenerationArgs, RewardArgs, LiveEvalArgs):
     # data
     max_prompt_length: int = field(default=256, metadata={"help": "prompt tokens kept, truncated from the left"})
     max_new_tokens: int = field(default=64, metadata={"help": "longest sampled reply, in tokens"})
@@ -145,11 +148,13 @@ class Args(PolicyArgs, GenerationArgs, RewardArgs):
     top_p: float = field(default=0.9, metadata={"help": "nucleus sampling threshold"})
     # output
     log_samples_every: int = field(default=100, metadata={"help": "print a table of sample replies this often"})
-    eval_prompts: int = field(default=150, metadata={"help": "held-out test prompts scored at the end (0: none)"})
+    test_prompts: int = field(
+        default=150, metadata={"help": "test prompts scored at the end, those of evaluate_models.py (0: none)"}
+    )
     eval_top_p: float = field(
         default=1.0, metadata={"help": "nucleus threshold of the final evaluation (as evaluate_models.py)"}
     )
-    eval_batch_size: int = field(default=32, metadata={"help": "prompts per batch in the final evaluation"})
+    eval_batch_size: int = field(default=32, metadata={"help": "prompts per batch in the held-out evaluations"})
 
 
 # Tiny: a larger rollout and learning rate, few steps (~1 minute on 2 cores). Changes of substance:
@@ -176,12 +181,18 @@ TINY = dict(
     save_every=10,
     snapshot_every=5,
     log_samples_every=10,
+    eval_every=5,
+    eval_prompts=64,
 )
 
 RUN_NAME = "ppo"
 VALUE_HEAD_FILE = "value_head.safetensors"
 PLOT_KEYS = [
     "objective/scores",
+    "eval/proxy",
+    "eval/gold",
+    "eval/oracle",
+    "eval/sample_kl",
     "objective/kl",
     "objective/kl_coef",
     "objective/entropy",
@@ -447,7 +458,8 @@ def main(args):
     check(args.temperature > 0 and 0 < args.top_p <= 1, "--temperature must be > 0 and --top_p in (0, 1]")
     check(args.target_kl > 0 and args.kl_horizon > 0, "--target_kl and --kl_horizon must be positive")
     check(args.save_every > 0 and args.log_samples_every > 0, "--save_every and --log_samples_every must be positive")
-    check(args.eval_prompts >= 0 and args.eval_batch_size > 0, "--eval_prompts must be >= 0, --eval_batch_size > 0")
+    check(args.test_prompts >= 0, f"--test_prompts must be >= 0, got {args.test_prompts}")
+    check_live_eval_args(args)
     check(0 < args.eval_top_p <= 1, f"--eval_top_p must be in (0, 1], got {args.eval_top_p}")
     run_dir = Path(args.work_dir) / "runs" / RUN_NAME
     checkpoint_path = run_dir / "checkpoint.pt"
@@ -466,7 +478,7 @@ def main(args):
     passes = -(-args.total_steps * global_batch // len(train_prompts))
     order_rng = np.random.default_rng(args.seed)
     order = np.concatenate([order_rng.permutation(len(train_prompts)) for _ in range(passes)])
-    eval_indices, eval_prompts = test_prompt_sample(data["test"], args.eval_prompts, args.seed)  # evaluate_models.py's
+    test_indices, test_prompts = test_prompt_sample(data["test"], args.test_prompts, args.seed)  # evaluate_models.py's
 
     # models: policy + value head (trained) and its frozen reference, both from the start model (sft_model/ or the
     # base model: --init_from), and the reward model (frozen)
@@ -480,11 +492,13 @@ def main(args):
     reward = RewardMix(args, device, proxy=(reward_model, rm_tokenizer))  # what PPO maximises: --reward_funcs
     if is_main and args.reward_funcs != "model":
         print(f"reward: {reward.describe()}")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    live = LiveEval(args, data, tokenizer, ref_model, (reward_model, rm_tokenizer), device, reward, rank, world)
     model.eval()  # dropout off for good: rollout and update must see the same policy
     optimizer = adamw(model.parameters(), args.learning_rate, args.weight_decay, accelerator.device)
     kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)
 
-    start_step = 0
+    start_step, state = 0, {}
     if args.resume:
         state = load_checkpoint(checkpoint_path)
         model.load_state_dict(state["model"])
@@ -495,11 +509,14 @@ def main(args):
             start_step <= args.total_steps,
             f"--resume: {checkpoint_path} is at step {start_step} > --total_steps {args.total_steps}: raise --total_steps",
         )
-        print(
-            f"resumed from {checkpoint_path} at step {start_step}{FINISHING if start_step == args.total_steps else ''}"
-        )
     elif checkpoint_path.exists() and is_main:
         print(f"starting afresh: {checkpoint_path} from an earlier run will be overwritten (--resume continues it)")
+    monitor = Monitor(live, args, state.get("monitor"))
+    last_step = monitor.stopped or args.total_steps  # where the run ends: --total_steps, or where the alarm stopped it
+    if args.resume:
+        print(f"resumed from {checkpoint_path} at step {start_step}{FINISHING if start_step == last_step else ''}")
+        if monitor.stopped:
+            print(monitor.finished_line())
     if is_main:
         sync_snapshots(run_dir, start_step, args.total_steps, args.snapshot_every, unwrap(model).policy)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -507,9 +524,18 @@ def main(args):
     resume_step = start_step if args.resume else None
     start_tracking(accelerator, args, run_dir, RUN_NAME, resume_step)
     logger = MetricsLogger(run_dir / "metrics.jsonl", resume_step=resume_step, enabled=is_main, tracker=accelerator)
+
+    def evaluate_held_out(step):
+        """The held-out evaluation at `step` (live_eval.py), identical on every process; its tokens counted."""
+        metrics = monitor(step, unwrap(model).policy, say=tqdm.write if is_main else lambda line: None)
+        logger.add_tokens(monitor.tokens)
+        return metrics
+
+    if not monitor.history and args.eval_every:  # the start model is the first candidate: ppo_best/ is never worse
+        logger.log(0, evaluate_held_out(0))
     # counted by hand, not by iterating: into a log file (a redraw every 30 s) an iterating bar shows a stale count
     progress = tqdm(total=args.total_steps, initial=start_step, desc="ppo", disable=not is_main)
-    for step in range(start_step, args.total_steps):
+    for step in range(start_step, last_step):
         first = step * global_batch + accelerator.process_index * args.rollout_batch_size
         prompts = [train_prompts[i] for i in order[first : first + args.rollout_batch_size]]
 
@@ -527,6 +553,8 @@ def main(args):
         metrics["response/distinct_share"] = len(set(all_responses)) / len(all_responses)
         metrics["objective/kl_coef"] = kl_ctl.value
         logger.add_tokens(accelerator.reduce(n_tokens.float(), "sum").item())
+        if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.total_steps):
+            metrics |= evaluate_held_out(step + 1)
         logger.log(step + 1, metrics)
         if args.adapt_kl:
             kl_ctl.update(metrics["objective/kl"], global_batch)
@@ -538,12 +566,15 @@ def main(args):
             tqdm.write(f"step {step + 1}\n" + sample_table(samples.prompts, samples.responses, scores))
         if is_main and snapshot_due(step + 1, args.total_steps, args.snapshot_every):
             save_snapshot(run_dir, step + 1, unwrap(model).policy)
-        if (step + 1) % args.save_every == 0 or step + 1 == args.total_steps:
+        if (step + 1) % args.save_every == 0 or step + 1 == args.total_steps or monitor.stop:
             if is_main:
                 state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}
                 state |= {"step": step + 1, "kl_coef": kl_ctl.value, "objective": objective(args, REWARD_FLAGS)}
-                save_checkpoint(checkpoint_path, state)
+                save_checkpoint(checkpoint_path, state | {"monitor": monitor.state()})
             accelerator.wait_for_everyone()
+        if monitor.stop:
+            last_step = step + 1
+            break
     progress.close()
 
     # data parallel keeps one policy: a gathered checksum shows every process holds the same weights
@@ -558,15 +589,15 @@ def main(args):
     if is_main:
         policy = unwrap(model).policy
         results = {}
-        if eval_prompts:
+        if test_prompts:
             # final eval: held-out test prompts, the trained policy against its reference, the model it started
             # from (under its name: "sft" or "base")
             results = {
-                "prompts": len(eval_prompts),
-                "test_indices": eval_indices,  # the test rows scored: evaluate_models.py's `test_index` column
-                "ppo": evaluate(policy, ref_model, tokenizer, reward_model, rm_tokenizer, eval_prompts, args),
+                "prompts": len(test_prompts),
+                "test_indices": test_indices,  # the test rows scored: evaluate_models.py's `test_index` column
+                "ppo": evaluate(policy, ref_model, tokenizer, reward_model, rm_tokenizer, test_prompts, args),
                 args.init_from: evaluate(
-                    ref_model, ref_model, tokenizer, reward_model, rm_tokenizer, eval_prompts, args
+                    ref_model, ref_model, tokenizer, reward_model, rm_tokenizer, test_prompts, args
                 ),
             }
             for name in (args.init_from, "ppo"):
@@ -577,30 +608,29 @@ def main(args):
                     f"those of evaluate_models.py --num_prompts {r['n']} --seed {args.seed})"
                 )
         plot_metrics(run_dir / "metrics.jsonl", PLOT_KEYS, run_dir / f"{RUN_NAME}_curves.png", title="PPO")
-        save_pretrained_atomic(
-            Path(args.work_dir) / PPO_DIR,
-            policy,
-            tokenizer,
-            extra={
-                VALUE_HEAD_FILE: lambda path: save_file(
-                    {k: v.detach().cpu() for k, v in unwrap(model).value_head.state_dict().items()}, path
-                ),
-                "metrics.jsonl": lambda path: shutil.copy(run_dir / "metrics.jsonl", path),
-                f"{RUN_NAME}_curves.png": lambda path: shutil.copy(run_dir / f"{RUN_NAME}_curves.png", path),
-                "args.json": lambda path: atomic_write_json(path, asdict(args)),
-                "eval_results.json": lambda path: atomic_write_json(path, results),
-                "README.md": card_writer(
-                    "ppo",
-                    args,
-                    results,
-                    "PPO_training.py",
-                    TINY,
-                    curves=f"{RUN_NAME}_curves.png",
-                    note=f"Its reward: {reward.describe()}.",
-                ),
-            },
-        )
+        files = {  # what the final folder and ppo_best/ both hold
+            "metrics.jsonl": lambda path: shutil.copy(run_dir / "metrics.jsonl", path),
+            f"{RUN_NAME}_curves.png": lambda path: shutil.copy(run_dir / f"{RUN_NAME}_curves.png", path),
+            "args.json": lambda path: atomic_write_json(path, asdict(args)),
+        }
+
+        def card(results, title=None):
+            curves, note = f"{RUN_NAME}_curves.png", f"Its reward: {reward.describe()}."
+            return card_writer("ppo", args, results, "PPO_training.py", TINY, curves=curves, title=title, note=note)
+
+        value_head = {k: v.detach().cpu() for k, v in unwrap(model).value_head.state_dict().items()}
+        files_final = files | {
+            VALUE_HEAD_FILE: lambda path: save_file(value_head, path),
+            "eval_results.json": lambda path: atomic_write_json(path, results),
+            "README.md": card(
+                results,
+                monitor.stopped and f"PPO policy, step {last_step} (stopped by the over-optimisation alarm)" or None,
+            ),
+        }
+        save_pretrained_atomic(Path(args.work_dir) / PPO_DIR, policy, tokenizer, extra=files_final)
         print(f"wrote {Path(args.work_dir) / PPO_DIR}")
+        if args.eval_every:  # the best held-out checkpoint by --select_by: the policy alone, no value head
+            save_best(monitor, Path(args.work_dir) / PPO_BEST_DIR, start, tokenizer, "PPO", files, card)
     end_run(accelerator, args, Path(args.work_dir) / PPO_DIR)
     return unwrap(model)
 

@@ -816,6 +816,14 @@ def _kept_static_cache(model, rows, length):
 
 
 @torch.no_grad()
+def sequence_kl(policy, base, samples, temperature):
+    """Per-sample KL estimate: sum over reply tokens of log pi(a_t) - log pi_base(a_t): (B,)."""
+    inputs = (samples.input_ids, samples.attention_mask, samples.query_ids.shape[1], temperature)
+    logprobs, _, _ = response_logprobs(policy, *inputs)  # (B, R)
+    ref_logprobs, _, _ = response_logprobs(base, *inputs)  # (B, R)
+    return ((logprobs - ref_logprobs) * samples.response_mask).sum(-1)  # (B,)
+
+
 def generate_responses(
     model,
     tokenizer,

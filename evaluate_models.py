@@ -79,7 +79,7 @@ from common import (
     load_processed_data,
     load_reward_model,
     load_tokenizer,
-    response_logprobs,
+    sequence_kl,
     set_seed,
     test_prompt_sample,
 )
@@ -197,12 +197,13 @@ def check_grpo_pair(work_dir, args, run_name="grpo"):
 
 
 @torch.no_grad()
-def sequence_kl(policy, base, samples, temperature):
-    """Per-sample KL estimate: sum over reply tokens of log pi(a_t) - log pi_base(a_t): (B,)."""
-    inputs = (samples.input_ids, samples.attention_mask, samples.query_ids.shape[1], temperature)
-    logprobs, _, _ = response_logprobs(policy, *inputs)  # (B, R)
-    ref_logprobs, _, _ = response_logprobs(base, *inputs)  # (B, R)
-    return ((logprobs - ref_logprobs) * samples.response_mask).sum(-1)  # (B,)
+def selected_by(folder):
+    """What picked a NAME_best/ checkpoint: its best.json's --select_by (proxy, gold or oracle; "proxy" for one saved
+    before the choice existed), or "" for a final policy."""
+    path = Path(folder) / "best.json"
+    if not path.is_file() or damage(path) is not None:
+        return ""
+    return json.loads(path.read_text()).get("select_by", "proxy")
 
 
 def started_from(folder):
@@ -800,6 +801,13 @@ def main(args):
 
     # save: the table and summary, the raw text, the plots
     summary = summarize(results, costs, args, oracle.LABELS if oracle else None, starts)
+    picked = {name: selected_by(folder) for name, folder in policies.items()}
+    summary["selected_by"] = summary.model.map(picked).fillna("")  # which held-out score chose the checkpoint
+    for name in (name for name, by in picked.items() if by == "gold"):
+        print(
+            f"{name}: its checkpoint was picked by the gold reward model (--select_by gold): its gold figures are "
+            "selection-biased, no independent check"
+        )
     write_xlsx(work_dir / RESULTS_XLSX, results_table(prompts, results), summary)
     write_jsonl(work_dir / RESPONSES_JSONL, test_indices, prompts, results)
     plot_results(work_dir, results, summary)

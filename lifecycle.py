@@ -51,6 +51,8 @@ GOLD_SPLIT = "gold_train"  # processed_data/'s pairs for the gold reward model a
 REWARD_MODEL_DIR = "final_reward_model"
 GOLD_REWARD_MODEL_DIR = "final_gold_reward_model"
 PPO_DIR = "ppo_rlhf_model"
+PPO_BEST_DIR = "ppo_best"  # the best held-out checkpoint by --select_by (live_eval.py); DPO's likewise
+DPO_BEST_DIR = "dpo_best"
 GRPO_BEST_DIR = "grpo_best"
 GRPO_FINAL_DIR = "grpo_rlhf_model"
 GRPO_ORACLE = "grpo_oracle"  # GRPO against the tiny world's oracle (--reward_funcs oracle --run_name grpo_oracle)
@@ -169,6 +171,50 @@ class RewardArgs:
     missing_eos_penalty: float = field(
         default=0.0, metadata={"help": "taken off the reward of a reply that hit --max_new_tokens without ending"}
     )
+
+
+SELECT_KEYS = {"proxy": "eval/reward", "gold": "eval/gold", "oracle": "eval/oracle"}  # --select_by: the score
+
+
+@dataclass
+class LiveEvalArgs:
+    """Held-out scores while PPO, GRPO and DPO train (live_eval.py): what they sample, how often, what picks the
+    best checkpoint and what the over-optimisation alarm does. The sampling flags are DPO's own; PPO and GRPO
+    sample held-out replies as they sample in training (their own --max_new_tokens, --temperature, ...)."""
+
+    eval_every: int = field(
+        default=100, metadata={"help": "steps between held-out evaluations on the --eval_prompts (0 = none)"}
+    )
+    eval_prompts: int = field(
+        default=128, metadata={"help": "the first N validation prompts, the same for PPO, GRPO and DPO"}
+    )
+    eval_batch_size: int = field(default=32, metadata={"help": "prompts per generation batch when evaluating"})
+    select_by: str = field(
+        default="proxy",
+        metadata={
+            "help": "the held-out score that picks the best checkpoint (NAME_best/): proxy (the run's own reward: "
+            "the proxy reward model unless --reward_funcs says otherwise), gold (final_gold_reward_model/), oracle "
+            "(tiny data)",
+            "choices": list(SELECT_KEYS),
+        },
+    )
+    alarm_window: int = field(
+        default=2,
+        metadata={
+            "help": "the over-optimisation alarm compares each evaluation with the one this many evaluations back: "
+            "it fires where the proxy rose and the gold score or the oracle share fell, each beyond its noise"
+        },
+    )
+    stop_on_overoptimization: bool = field(
+        default=False,
+        metadata={"help": "end the run where the alarm fires (its checkpoint and final save as at the end)"},
+    )
+    # sampling (DPO's; PPO and GRPO have their own)
+    max_prompt_length: int = field(default=256, metadata={"help": "prompt tokens kept (left-truncated)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "reply tokens sampled at most"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling's p (1 = off)"})
+    reward_max_length: int = field(default=512, metadata={"help": "tokens the reward models read (left-truncated)"})
 
 
 class _Parser(HfArgumentParser):

@@ -138,6 +138,9 @@ def plot_metrics(metrics_path, keys, png_path, title=""):
     cols = min(3, max(1, len(keys)))
     rows = max(1, -(-len(keys) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    alarms = [r["step"] for r in records if r.get("alarm/overoptimization")]  # live_eval.py's over-optimisation alarm
+    if alarms:
+        title += f" (over-optimisation alarm at step {', '.join(map(str, alarms))}: dashed)"
     y_ranges = {}
     for ax, key in zip(axes.flat, keys):
         points = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
@@ -145,6 +148,8 @@ def plot_metrics(metrics_path, keys, png_path, title=""):
         if re.search(r"accurac|share|clipfrac", key):  # a share on its whole scale: 0.933 -> 0.929 is no plunge
             ax.set_ylim(-0.02, 1.02)
         ax.set_title(key, fontsize=9)
+        for step in alarms:
+            ax.axvline(step, color="tab:red", ls="--", lw=1)
         y_ranges[key] = ax.get_ylim()
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -11,13 +11,15 @@ declare -A SCRIPT=([data]=data_process.py [sft]=SFT_training.py [reward]=reward_
   [notebook]=analysis_notebook.ipynb)
 declare -A FIXED=([gold]="--train_split gold_train" [grpo_oracle]="--reward_funcs oracle --run_name grpo_oracle")
 # What each stage reads: with --jobs 2, stages whose inputs are ready run side by side
-declare -A NEEDS=([data]="" [sft]=data [reward]=data [gold]=data [ppo]="sft reward" [grpo]="sft reward"
-  [grpo_oracle]="data sft" [dpo]="data sft" [eval]="sft reward gold ppo grpo grpo_oracle dpo" [notebook]=eval)
+# (the policies score held-out replies by both reward models while they train: live_eval.py)
+declare -A NEEDS=([data]="" [sft]=data [reward]=data [gold]=data [ppo]="sft reward gold" [grpo]="sft reward gold"
+  [grpo_oracle]="sft reward gold" [dpo]="sft reward gold" [eval]="sft reward gold ppo grpo grpo_oracle dpo"
+  [notebook]=eval)
 # --preset real: SmolLM2-135M-Instruct (assets/get_smollm2.py) on real hh-rlhf rows, sized for a 2-core CPU in
 # bf16 (docs/real_rehearsal.md has the measurements behind each number). Each script's gpt2-preset defaults with
 # these flags put before the caller's own, which win.
 REAL_MODEL=models/SmolLM2-135M-Instruct
-rm_sizes="--per_device_train_batch_size 8 --gradient_accumulation_steps 1 --per_device_eval_batch_size 8"
+rm_sizes="--per_device_train_batch_size 4 --gradient_accumulation_steps 2 --per_device_eval_batch_size 8"
 declare -A REAL=(
   [data]="--test_share 0.25 --gold_share 0.2 --max_length 256"
   [reward]="$rm_sizes --learning_rate 5e-5 --max_steps 100 --eval_steps 50 --save_steps 50 --logging_steps 5"
@@ -25,12 +27,12 @@ declare -A REAL=(
   [sft]="--max_steps 50 --max_seq_len 256 --learning_rate 2e-5 --eval_steps 25 --save_every 25 --max_eval_samples 64
     --logging_steps 5"
   [ppo]="--total_steps 20 --rollout_batch_size 8 --num_minibatches 2 --learning_rate 1e-5 --max_prompt_length 192
-    --max_new_tokens 48 --reward_max_length 256 --eval_prompts 32 --eval_batch_size 16 --save_every 10
-    --log_samples_every 10"
+    --max_new_tokens 48 --reward_max_length 256 --test_prompts 32 --eval_batch_size 16 --save_every 10
+    --log_samples_every 10 --eval_every 0"
   [grpo]="--total_steps 30 --rollout_batch_size 2 --group_size 4 --learning_rate 1e-5 --max_new_tokens 48
     --reward_max_length 256 --eval_prompts 32 --eval_every 10 --eval_batch_size 16 --save_every 10"
   [dpo]="--max_steps 40 --per_device_train_batch_size 4 --gradient_accumulation_steps 2 --learning_rate 1e-5
-    --max_seq_len 256 --eval_steps 20 --save_every 20 --max_eval_samples 64 --logging_steps 5"
+    --max_seq_len 256 --eval_steps 20 --save_every 20 --max_eval_samples 64 --logging_steps 5 --eval_every 0"
   [eval]="--num_prompts 128 --max_new_tokens 48 --reward_max_length 256 --frontier false")
 
 usage() {
@@ -57,6 +59,10 @@ work dir's evaluation with nbconvert and saves it, outputs and figures, into --w
                       then shows beside the proxy-trained GRPO. Alone: --only grpo_oracle, then --only eval
   --skip STAGE        leave STAGE out (repeatable); --skip sft runs the pipeline without SFT: the
                       policies start from the base model (--init_from base), even beside an sft_model/
+  --seeds 1,2,3       the training stages and the evaluation once per seed, into WORK_DIR/seed-N/ (--seed N),
+                      on one data split and one set of test prompts (the data stage and the evaluation keep
+                      --seed, 42 unless given), then aggregate_seeds.py: each method's mean over the seeds
+                      with an interval across them (rlhf_eval_seeds.csv, rlhf_eval_seeds_frontier.png)
   --jobs N            run up to N stages at once where their inputs are ready (sft, reward and gold need
                       only the data; dpo the SFT model; ppo and grpo both); a stage beside another writes its
                       output to WORK_DIR/logs/STAGE.log. Default 2 for --preset tiny on 2 or more cores
@@ -69,6 +75,7 @@ work dir's evaluation with nbconvert and saves it, outputs and figures, into --w
   bash run_pipeline.sh --preset tiny --work_dir runs/nosft --skip sft          # the policies from base
   bash run_pipeline.sh --preset tiny --work_dir runs/demo --only notebook       # the analysis, executed
   bash run_pipeline.sh --preset tiny --work_dir runs/demo --with grpo_oracle    # + GRPO against the oracle
+  bash run_pipeline.sh --preset tiny --work_dir runs/seeds --seeds 1,2,3       # three seeds, aggregated
   bash run_pipeline.sh --work_dir runs/gpt2                                     # gpt2 + hh-rlhf (GPU)
 EOF
 }
@@ -87,7 +94,11 @@ LAST_DEFAULT=$(stage_index eval) # the last stage run by default: the notebook r
 # Split the command line: flags for every stage, flags for one stage (`--ppo.x`), and the stage range.
 # A value is every word after a flag up to the next `--` word, so `--x 1`, `--x=1` and bare switches work.
 declare -A STAGE_ARGS=() SKIP=() WITH=()
-common=() first=0 last=$LAST_DEFAULT target=common jobs= preset=
+common=() first=0 last=$LAST_DEFAULT target=common jobs= preset= seeds= argv=()
+for ((i = 1; i <= $#; i++)); do # the command line without --seeds, for each seed's run
+  [[ ${!i} == --seeds ]] && i=$((i + 1)) && continue
+  [[ ${!i} == --seeds=* ]] || argv+=("${!i}")
+done
 while (($#)); do
   word=$1
   shift
@@ -101,6 +112,16 @@ while (($#)); do
         jobs=${word#--jobs=}
       fi
       [[ $jobs =~ ^[1-9][0-9]*$ ]] || die "--jobs needs a positive number of stages, got '$jobs'"
+      continue
+      ;;
+    --seeds | --seeds=*)
+      if [[ $word == --seeds ]]; then
+        seeds=${1:-}
+        (($#)) && shift
+      else
+        seeds=${word#--seeds=}
+      fi
+      [[ $seeds =~ ^[0-9]+(,[0-9]+)*$ ]] || die "--seeds needs a comma list of seeds (1,2,3), got '$seeds'"
       continue
       ;;
     --preset | --preset=*)
@@ -184,6 +205,33 @@ for ((i = 0; i < ${#common[@]}; i++)); do
   esac
 done
 mkdir -p "$work_dir"
+
+# --seeds: this script once for the data (its split is every seed's), then once per seed into WORK_DIR/seed-N with
+# --seed N for the training; the evaluation keeps the data's seed (--eval.seed), so every seed is scored on the
+# same test prompts with the same sampling, and the seeds differ by their training alone.
+if [[ -n $seeds ]]; then
+  data_seed=42
+  for ((i = 0; i < ${#common[@]}; i++)); do
+    case "${common[i]}" in
+      --seed) data_seed=${common[i + 1]} ;;
+      --seed=*) data_seed=${common[i]#--seed=} ;;
+    esac
+  done
+  if ((first == 0)) && [[ -z ${SKIP[data]:-} ]]; then
+    bash "$0" "${argv[@]}" --only data
+  fi
+  for seed in ${seeds//,/ }; do
+    echo "== seed $seed: $work_dir/seed-$seed"
+    mkdir -p "$work_dir/seed-$seed"
+    ln -sfn ../processed_data "$work_dir/seed-$seed/processed_data" # one split for every seed
+    argv_seed=("${argv[@]}" --work_dir "$work_dir/seed-$seed" --seed "$seed" --eval.seed "$data_seed")
+    ((last < $(stage_index data))) || bash "$0" "${argv_seed[@]}" --skip data
+  done
+  if ((first <= LAST_DEFAULT && last >= LAST_DEFAULT)) && [[ -z ${SKIP[eval]:-} ]]; then
+    "$PYTHON" aggregate_seeds.py --work_dir "$work_dir"
+  fi
+  exit 0
+fi
 
 # The tiny models are too small for two BLAS threads to pay off in training, and two threads per
 # process beside another process thrash (we measured 2-5x slower): one thread per stage unless the

@@ -421,6 +421,27 @@ def test_the_precision_follows_what_the_gpu_computes_natively(monkeypatch, gpu, 
     assert common.trainer_precision() == {"bf16": name == "bf16", "fp16": name == "fp16"}  # Trainer's flags alike
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_rlhf_cpu_bf16_asks_for_bf16_autocast_only_on_a_cpu_that_computes_it_natively(monkeypatch, native):
+    """The real rehearsal's switch (run_pipeline.sh --preset real sets it): off by default, so the tiny figures stay
+    fp32; on, bf16 autocast where the CPU has AMX or AVX512-BF16, and Trainer told that it trains on the CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.delenv("RLHF_CPU_BF16", raising=False)
+    assert common.precision() == ("fp32", "a CPU: fp32")
+    assert common.trainer_precision() == {"bf16": False, "fp16": False}
+    monkeypatch.setenv("RLHF_CPU_BF16", "1")
+    name, reason = common.precision()
+    assert name == ("bf16" if native else "fp32") and reason.startswith("RLHF_CPU_BF16=1"), reason
+    assert native or "no native bf16" in reason
+    cpu = {"use_cpu": True} if native else {}
+    assert common.trainer_precision() == {"bf16": native, "fp16": False} | cpu
+    with common.autocast("cpu"):
+        assert torch.is_autocast_enabled("cpu") == native
+        assert not native or torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
 def test_output_heads_stay_fp32_under_bf16_autocast_while_the_body_runs_in_bf16(tiny_reward_dir):
     """The LM head, the reward model's score and PPO's value head, under CPU bf16 autocast: each equals an fp32
     computation on the same final hidden state within 1e-5; the body is bf16 (its logits move from fp32's)."""
@@ -549,13 +570,15 @@ def test_a_frozen_model_stores_what_autocast_casts_and_computes_bit_for_bit_the_
     assert common.freeze(copy.deepcopy(model)).lm_head.weight.dtype == torch.float32  # fp32: nothing cast
 
 
-def test_the_evaluation_and_the_trainers_score_and_measure_one_sample_identically(monkeypatch, tiny_reward_dir):
+def test_the_evaluation_and_the_trainers_score_and_measure_one_sample_identically(
+    monkeypatch, tiny_reward_dir, tmp_path
+):
     """One precision everywhere (bf16 faked on this CPU): the rewards evaluate_models.py, PPO's final evaluation
     and GRPO's held-out evaluation give one set of replies are the same numbers, and so is their KL to the
     reference, where the trainers' forward passes and the evaluation's used to differ in precision."""
     import evaluate_models
-    import GRPO_training as grpo
     import PPO_training as ppo
+    from live_eval import LiveEval
 
     fake_bf16(monkeypatch)
     tokenizer = common.load_tokenizer(str(lifecycle.TINY_MODEL_DIR))
@@ -570,7 +593,7 @@ def test_the_evaluation_and_the_trainers_score_and_measure_one_sample_identicall
     args = SimpleNamespace(
         max_prompt_length=32, max_new_tokens=12, temperature=1.0, top_p=1.0, eval_top_p=1.0, eval_batch_size=4,
         reward_max_length=64, compile_generation=False, batch_size=4, seed=3, reward_funcs="model", reward_weights="",
-        missing_eos_penalty=0.0,
+        missing_eos_penalty=0.0, eval_prompts=4, work_dir=str(tmp_path), select_by="proxy",
     )  # fmt: skip
 
     def sampled():
@@ -583,9 +606,16 @@ def test_the_evaluation_and_the_trainers_score_and_measure_one_sample_identicall
     torch.manual_seed(3)
     ppo_eval = ppo.evaluate(policy, base, tokenizer, reward_model, rm_tokenizer, prompts, args)
     reward = common.RewardMix(args, "cpu", proxy=(reward_model, rm_tokenizer))
-    grpo_eval = grpo.sample_and_score(policy, tokenizer, reward, prompts, args, seed=3)
-    assert grpo_eval["replies"] == samples.responses == sampled().responses
-    assert grpo_eval["scores"].tolist() == evaluation["reward"]
+    (tmp_path / "processed_data").mkdir()  # not the tiny data: no oracle; no final_gold_reward_model/: no gold
+    (tmp_path / "processed_data" / "stats.json").write_text(json.dumps({"dataset": "hh-rlhf"}))
+    live = LiveEval(
+        args, {"validation": {"prompt": prompts}}, tokenizer, base, (reward_model, rm_tokenizer), "cpu", reward
+    )
+    live_eval, scored, _ = live(policy)  # PPO's, GRPO's and DPO's held-out evaluation while training
+    assert [reply for _, reply in scored] == samples.responses == sampled().responses
+    assert [score for score, _ in scored] == pytest.approx(evaluation["reward"], abs=1e-6)
+    assert live_eval["eval/proxy"] == pytest.approx(float(torch.tensor(evaluation["reward"]).mean()), abs=1e-6)
+    assert live_eval["eval/sample_kl"] == pytest.approx(float(evaluation_kl.mean()), abs=1e-6)
     assert ppo_eval["score"] == pytest.approx(float(torch.tensor(evaluation["reward"]).mean()), abs=1e-6)
     assert ppo_eval["kl"] == pytest.approx(float(evaluation_kl.mean()), abs=1e-6)
     assert evaluation_kl.abs().max() > 0.01  # the policy did move: a KL of 0 would compare nothing

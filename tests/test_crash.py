@@ -54,7 +54,7 @@ def test_ppo_killed_after_its_last_checkpoint_finishes_on_resume(work, tmp_path)
     """Killed in the final evaluation, with half a record appended and a killed save's leftovers beside it:
     --resume skips to the evaluation and the save, and the run ends as the uninterrupted one did."""
     argv = ["--preset", "tiny", "--total_steps", 3, "--save_every", 100, "--rollout_batch_size", 8]
-    argv += ["--num_minibatches", 2, "--max_new_tokens", 12, "--eval_prompts", 48]
+    argv += ["--num_minibatches", 2, "--max_new_tokens", 12, "--test_prompts", 48]
     straight = linked(tmp_path / "straight", work)
     first = run_script("PPO_training.py", *argv, "--work_dir", straight, env=LOG_FILE_ENV)
     # into a log file the bar redraws only when its interval is up, and then with the steps done (a bar that

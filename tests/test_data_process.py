@@ -103,6 +103,19 @@ def test_real_hh_rlhf_subset_folder(tmp_path):
     assert "dropped by rule" in proc.stdout
 
 
+@pytest.mark.skipif(not SAMPLE.exists(), reason="../shared/hh-rlhf-sample is absent (a fresh clone)")
+def test_test_share_holds_out_that_share_where_the_data_has_no_test_split(tmp_path):
+    proc = run_script(
+        "data_process.py", "--preset", "tiny", "--dataset", SAMPLE, "--work_dir", tmp_path, "--test_share", 0.25
+    )
+    stats = json.loads((tmp_path / "processed_data" / "stats.json").read_text())
+    assert stats["rows_read"] == {"train": 375, "test": 125}  # of the file's 500 pairs
+    assert "has no test split: holding out 25% of its pairs as test" in proc.stdout
+    proc = run_script("data_process.py", "--preset", "tiny", "--work_dir", tmp_path, "--test_share", 1, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == "error: --test_share must be in (0, 1), got 1.0"
+
+
 def test_malformed_file_exits_with_one_line_naming_file_and_line(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"chosen": "a", "rejected": "b"}\n{"chosen": "a"\n')
     proc = run_script(

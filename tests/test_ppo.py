@@ -22,7 +22,7 @@ from lifecycle import PPO_DIR, TINY_MODEL_DIR, UserError, load_checkpoint, parse
 from reporting import read_metrics
 
 # small and quick: 8 prompts per rollout in 2 minibatches, short replies, a checkpoint every step
-QUICK = ["--rollout_batch_size", 8, "--num_minibatches", 2, "--max_new_tokens", 12, "--eval_prompts", 4]
+QUICK = ["--rollout_batch_size", 8, "--num_minibatches", 2, "--max_new_tokens", 12, "--test_prompts", 4]
 STEP_KEYS = [
     "objective/scores",
     "objective/kl",

@@ -48,6 +48,60 @@ def test_flags_go_to_every_stage_and_dotted_ones_to_one(tmp_path):
     assert tmp_path.is_dir()
 
 
+def test_the_real_preset_is_smollm2_at_cpu_sizes_in_bf16_before_the_callers_own_flags(tmp_path):
+    """--preset real: the gpt2 preset's scripts with run_pipeline.sh's REAL flags first, so a flag the caller gives
+    comes later on the command line and wins; one stage at a time on every core, bf16 autocast asked for."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "bf16=$RLHF_CPU_BF16 threads=${OMP_NUM_THREADS:-all} $*"\n')
+    fake.chmod(0o755)
+    (tmp_path / "processed_data" / "gold_train").mkdir(parents=True)  # the gold stage runs where the data has one
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "RLHF_CPU_BF16")}
+    proc = subprocess.run(
+        ["bash", str(REPO / "run_pipeline.sh"), "--preset", "real", "--work_dir", tmp_path, "--ppo.total_steps", "3"],
+        capture_output=True, text=True, env={**env, "PYTHON": str(fake)},
+    )  # fmt: skip
+    lines = stage_lines(proc)
+    scripts = ["data_process.py", "reward_model_training.py", "SFT_training.py", "reward_model_training.py"]
+    scripts += ["PPO_training.py", "GRPO_training.py", "DPO_training.py", "evaluate_models.py"]
+    assert [line.split()[2] for line in lines] == scripts
+    for line in lines:
+        words = line.split()
+        assert words[:2] == ["bf16=1", "threads=all"] and "--preset" not in words
+        assert words[3:7] == ["--model", "models/SmolLM2-135M-Instruct", "--work_dir", str(tmp_path)]
+    assert lines[0].endswith("--test_share 0.25 --gold_share 0.2 --max_length 256")
+    ppo = lines[4].split()
+    assert ppo[ppo.index("--total_steps") + 1] == "20" and ppo[-2:] == ["--total_steps", "3"]
+    import PPO_training
+
+    assert parse_args(PPO_training.Args, argv=ppo[3:]).total_steps == 3  # the later flag wins
+
+
+def test_seeds_train_and_evaluate_once_per_seed_on_one_data_split_then_aggregate(tmp_path):
+    proc = pipeline("--preset", "tiny", "--work_dir", tmp_path, "--seeds", "1,2", "--jobs", 1, "--ppo.total_steps", 3)
+    lines = stage_lines(proc)
+    common = f"--preset tiny --work_dir {tmp_path}"
+    assert lines[0] == f"data_process.py {common}"  # once, with the run's seed: every seed's split
+    assert lines[-1] == f"aggregate_seeds.py --work_dir {tmp_path}"
+    for n, seed in enumerate((1, 2)):
+        run = lines[1 + 7 * n : 8 + 7 * n]
+        own = f"{common} --work_dir {tmp_path}/seed-{seed} --seed {seed}"
+        assert [line.split()[0] for line in run] == [
+            "reward_model_training.py", "SFT_training.py", "reward_model_training.py", "PPO_training.py",
+            "GRPO_training.py", "DPO_training.py", "evaluate_models.py",
+        ]  # fmt: skip
+        assert all(line.split(" ", 1)[1].startswith(own) for line in run)
+        assert run[3].endswith("--total_steps 3")
+        assert run[-1] == f"evaluate_models.py {own} --seed 42"  # one set of test prompts and sampling for all
+        link = tmp_path / f"seed-{seed}" / "processed_data"
+        assert link.is_symlink() and link.resolve() == (tmp_path / "processed_data").resolve()
+    assert [
+        line.split()[0] for line in stage_lines(pipeline("--work_dir", tmp_path, "--seeds=3", "--only", "dpo"))
+    ] == ["DPO_training.py"]  # a stage range per seed; no data stage, no aggregation without the evaluation
+    proc = pipeline("--work_dir", tmp_path, "--seeds", "1,x")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "run_pipeline.sh: error: --seeds needs a comma list of seeds (1,2,3), got '1,x'"
+
+
 def test_from_and_only_pick_the_stages(tmp_path):
     scripts = [line.split()[0] for line in stage_lines(pipeline("--work_dir", tmp_path, "--from", "grpo"))]
     assert scripts == ["GRPO_training.py", "DPO_training.py", "evaluate_models.py"]
