@@ -471,10 +471,10 @@ def main(args):
     policy = load_causal_lm(start, tokenizer)
     check_positions(policy.config, args.max_prompt_length + args.max_new_tokens, PROMPT_AND_REPLY)
     reference = freeze(copy.deepcopy(policy).to(device))
-    reward = RewardMix(args, device)  # what GRPO maximises: the reward model unless --reward_funcs says otherwise
+    proxy = load_reward_model(args.work_dir, device, args)  # the proxy reward model: trained on, and a held-out judge
+    reward = RewardMix(args, device, proxy=proxy)  # what GRPO maximises: the proxy unless --reward_funcs says otherwise
     if is_main and args.reward_funcs != "model":
         print(f"reward: {reward.describe()}")
-    proxy = load_reward_model(args.work_dir, device, args)  # the held-out judges: live_eval.py
     live = LiveEval(args, data, tokenizer, reference, proxy, device, reward=reward, rank=rank, world=world)
     policy.eval()  # dropout off: the loss's log-probs are those of the policy that sampled
     optimizer = adamw(policy.parameters(), args.learning_rate, args.weight_decay, accelerator.device)

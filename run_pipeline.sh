@@ -29,9 +29,9 @@ declare -A REAL=(
   [ppo]="--total_steps 20 --rollout_batch_size 8 --num_minibatches 2 --learning_rate 1e-5 --max_prompt_length 192
     --max_new_tokens 48 --reward_max_length 256 --test_prompts 32 --eval_batch_size 16 --save_every 10
     --log_samples_every 10 --eval_every 0"
-  [grpo]="--total_steps 30 --rollout_batch_size 2 --group_size 4 --learning_rate 1e-5 --max_new_tokens 48
-    --reward_max_length 256 --eval_prompts 32 --eval_every 10 --eval_batch_size 16 --save_every 10"
-  [dpo]="--max_steps 40 --per_device_train_batch_size 4 --gradient_accumulation_steps 2 --learning_rate 1e-5
+  [grpo]="--total_steps 60 --rollout_batch_size 1 --group_size 4 --learning_rate 1e-5 --max_new_tokens 48
+    --reward_max_length 256 --eval_prompts 32 --eval_every 20 --eval_batch_size 16 --save_every 20"
+  [dpo]="--max_steps 40 --per_device_train_batch_size 2 --gradient_accumulation_steps 4 --learning_rate 1e-5
     --max_seq_len 256 --eval_steps 20 --save_every 20 --max_eval_samples 64 --logging_steps 5 --eval_every 0"
   [eval]="--num_prompts 128 --max_new_tokens 48 --reward_max_length 256 --frontier false")
 

@@ -54,7 +54,7 @@ def test_ppo_killed_after_its_last_checkpoint_finishes_on_resume(work, tmp_path)
     """Killed in the final evaluation, with half a record appended and a killed save's leftovers beside it:
     --resume skips to the evaluation and the save, and the run ends as the uninterrupted one did."""
     argv = ["--preset", "tiny", "--total_steps", 3, "--save_every", 100, "--rollout_batch_size", 8]
-    argv += ["--num_minibatches", 2, "--max_new_tokens", 12, "--test_prompts", 48]
+    argv += ["--num_minibatches", 2, "--max_new_tokens", 12, "--test_prompts", 48, "--eval_every", 0]
     straight = linked(tmp_path / "straight", work)
     first = run_script("PPO_training.py", *argv, "--work_dir", straight, env=LOG_FILE_ENV)
     # into a log file the bar redraws only when its interval is up, and then with the steps done (a bar that
@@ -108,7 +108,7 @@ def test_grpo_killed_between_its_two_saves_is_caught_by_the_evaluation_and_finis
     assert "\x1b" not in first.stderr
     # its progress line shows the mean held-out reward, not one reply's
     final_eval = [r for r in read_metrics(straight / "runs" / "grpo" / "metrics.jsonl") if "eval/reward" in r][-1]
-    assert f"step 2 | mean eval reward {final_eval['eval/reward']:+.3f} over 4 prompts" in first.stdout
+    assert f"step 2 | held out (4 prompts): proxy {final_eval['eval/proxy']:+.3f}" in first.stdout
     run_script("GRPO_training.py", *argv, "--work_dir", work, "--seed", 7)  # an earlier run's pair of folders
 
     def run_id(folder):

@@ -370,7 +370,10 @@ def test_tiny_run_learns_the_preferences(tiny_pipeline):
     records = reporting.read_metrics(out / "metrics.jsonl")
     train_keys = {"dpo/loss", "dpo/rewards/chosen", "dpo/rewards/rejected", "dpo/rewards/accuracies"}
     train_keys |= {"dpo/rewards/margins", "dpo/logps/chosen", "dpo/logps/rejected", "dpo/kl", "train/learning_rate"}
-    assert train_keys <= set(records[0]) and all(math.isfinite(r["dpo/loss"]) for r in records)
+    trained = [r for r in records if "dpo/loss" in r]  # the others: held-out scores only (live_eval.py)
+    assert trained[0]["step"] == 4 and train_keys <= set(trained[0])
+    assert all(math.isfinite(r["dpo/loss"]) for r in trained)
+    assert [r["step"] for r in records if "eval/proxy" in r] == [0, 10, 20, 30, 40]
     evals = [r for r in records if "eval/loss" in r]
     assert len(evals) >= 2 and evals[-1]["step"] == records[-1]["step"]
     final = evals[-1]

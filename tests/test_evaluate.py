@@ -319,7 +319,7 @@ def test_evaluate_end_to_end_tiny(eval_work):
         "distinct_share", "length_mean", "train_time_s", "train_tokens", "train_peak_mb",
         "oracle_good", "oracle_good_ci_low", "oracle_good_ci_high", "oracle_gain_ci_low", "oracle_gain_ci_high",
         "oracle_gain_over_sft_ci_low", "oracle_gain_over_sft_ci_high", "oracle_off_topic", "oracle_courtesy_only", "oracle_refusal", "oracle_rude", "oracle_harmful",
-        "oracle_incoherent", "oracle_empty",
+        "oracle_incoherent", "oracle_empty", "selected_by",
     ]  # fmt: skip
     assert "the generator's oracle" in proc.stdout and "oracle_good" in proc.stdout
     summary = pd.read_excel(eval_work / "rlhf_eval_results_with_base.xlsx", sheet_name="summary").set_index("model")

@@ -19,6 +19,7 @@ from lifecycle import (
     UserError,
     parse_args,
 )
+from live_eval import Best
 from reporting import read_metrics
 
 # the loss's settings as the seed's defaults have them (grpo loss, symmetric clip, the KL in the loss)
@@ -144,13 +145,13 @@ def test_tokens_after_the_first_eos_change_nothing():
 
 def test_best_checkpoint_is_the_highest_evaluation_with_its_own_weights():
     model = torch.nn.Linear(2, 1)
-    best = None
+    best = Best("proxy")  # GRPO's default: its own reward on the held-out prompts
     for step, reward in enumerate([0.1, 0.7, 0.3, 0.7, -1.0]):
         with torch.no_grad():
             model.weight.fill_(step)
-        best = grpo.update_best(best, step, reward, model)
-    assert (best["step"], best["eval/reward"]) == (1, 0.7)  # a tie does not replace the earlier best
-    assert (best["state"]["weight"] == 1).all()  # a snapshot: later steps did not change it
+        best.update(step, {"eval/reward": reward}, model)
+    assert (best.saved["step"], best.saved["value"]) == (1, 0.7)  # a tie does not replace the earlier best
+    assert (best.saved["state"]["weight"] == 1).all()  # a snapshot: later steps did not change it
     assert (model.weight == 4).all()
 
 

@@ -127,3 +127,57 @@ def test_bad_flags_are_one_line(flags, message):
     settings = {"eval_every": 5, "eval_prompts": 4, "eval_batch_size": 4, "alarm_window": 2}
     with pytest.raises(UserError, match=message.replace("|", r"\|").replace("(", r"\(").replace(")", r"\)")):
         live_eval.check_live_eval_args(args(**settings | flags))
+
+
+FIRES_AT_4 = {  # each script's run: the flags that make its held-out evaluations fall at steps 2 and 4
+    "PPO_training": ["--total_steps", 6, "--rollout_batch_size", 4, "--max_new_tokens", 8, "--test_prompts", 0],
+    "GRPO_training": ["--total_steps", 6, "--rollout_batch_size", 2, "--group_size", 2, "--max_new_tokens", 8],
+    "DPO_training": ["--max_steps", 6, "--per_device_train_batch_size", 4, "--max_eval_samples", 8, "--eval_steps", 0],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", list(FIRES_AT_4))
+def test_a_run_the_alarm_stops_ends_there_saved_and_a_resume_says_it_is_finished(script, work, monkeypatch, capsys):
+    """--stop_on_overoptimization in PPO, GRPO and DPO (the alarm made to fire at step 4): the run ends at step 4
+    with its checkpoint, final folder and best folder, the alarm in metrics.jsonl; --resume finishes nothing more."""
+    import importlib
+
+    from lifecycle import parse_args
+    from reporting import read_metrics
+
+    module = importlib.import_module(script)
+    fire = {"step": 4, "since": 2, "proxy": (1.0, 2.0), "gold": (1.0, 0.5)}
+    monkeypatch.setattr(
+        live_eval, "overoptimization", lambda history, window: fire if history[-1]["step"] == 4 else None
+    )
+    argv = [
+        "--preset",
+        "tiny",
+        "--work_dir",
+        str(work),
+        "--eval_every",
+        "2",
+        "--eval_prompts",
+        "4",
+        "--save_every",
+        "100",
+    ]
+    argv += ["--stop_on_overoptimization", *map(str, FIRES_AT_4[script])]
+    module.main(parse_args(module.Args, module.TINY, argv))
+    out = capsys.readouterr().out + capsys.readouterr().err
+    name = script.split("_")[0].lower()
+    checkpoint = torch.load(work / "runs" / name / "checkpoint.pt", weights_only=False)
+    assert checkpoint["step"] == 4 and checkpoint["monitor"]["stopped"] == 4
+    records = read_metrics(work / "runs" / name / "metrics.jsonl")
+    assert max(r["step"] for r in records) == 4
+    assert [r["step"] for r in records if "alarm/overoptimization" in r] == [4]
+    assert [r["step"] for r in records if "eval/proxy" in r] == [0, 2, 4]
+    best_dir = {"ppo": "ppo_best", "grpo": "grpo_best", "dpo": "dpo_best"}[name]
+    assert (work / best_dir / "best.json").is_file()
+    final = {"ppo": "ppo_rlhf_model", "grpo": "grpo_rlhf_model", "dpo": "dpo_rlhf_model"}[name]
+    assert "(stopped by the over-optimisation alarm)" in (work / final / "README.md").read_text()
+    module.main(parse_args(module.Args, module.TINY, [*argv, "--resume"]))
+    out = capsys.readouterr().out
+    assert "the run stopped at step 4 on the over-optimisation alarm (--stop_on_overoptimization): finished" in out
+    assert max(r["step"] for r in read_metrics(work / "runs" / name / "metrics.jsonl")) == 4  # no step trained after

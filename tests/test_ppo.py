@@ -22,7 +22,18 @@ from lifecycle import PPO_DIR, TINY_MODEL_DIR, UserError, load_checkpoint, parse
 from reporting import read_metrics
 
 # small and quick: 8 prompts per rollout in 2 minibatches, short replies, a checkpoint every step
-QUICK = ["--rollout_batch_size", 8, "--num_minibatches", 2, "--max_new_tokens", 12, "--test_prompts", 4]
+QUICK = [
+    "--rollout_batch_size",
+    8,
+    "--num_minibatches",
+    2,
+    "--max_new_tokens",
+    12,
+    "--test_prompts",
+    4,
+    "--eval_every",
+    0,
+]
 STEP_KEYS = [
     "objective/scores",
     "objective/kl",
@@ -257,8 +268,10 @@ def test_tiny_run_writes_its_folder_and_beats_the_base_model(tiny_pipeline):
         assert (folder / name).is_file(), name
     assert json.loads((folder / "args.json").read_text())["total_steps"] == ppo.TINY["total_steps"]
     records = read_metrics(folder / "metrics.jsonl")
-    assert [r["step"] for r in records] == list(range(1, ppo.TINY["total_steps"] + 1))
-    for record in records:
+    assert [r["step"] for r in records] == list(range(0, ppo.TINY["total_steps"] + 1))  # 0: the start, held out
+    held_out = [r["step"] for r in records if "eval/proxy" in r]
+    assert held_out == list(range(0, ppo.TINY["total_steps"] + 1, ppo.TINY["eval_every"]))
+    for record in records[1:]:  # every trained step
         assert set(STEP_KEYS) <= set(record), set(STEP_KEYS) - set(record)
     assert records[-1]["objective/kl_coef"] != ppo.Args.kl_coef  # the adaptive controller moved beta
 

@@ -135,7 +135,7 @@ def test_ppo_learns_from_a_user_function_beside_the_reward_model(work, tmp_path)
     (tmp_path / "short.py").write_text("def words(prompts, replies):\n    return [-len(r.split()) for r in replies]\n")
     env = {**SCRIPT_ENV, "PYTHONPATH": str(tmp_path)}
     argv = ["--preset", "tiny", "--work_dir", work, "--total_steps", 2, "--rollout_batch_size", 4,
-            "--num_minibatches", 1, "--max_new_tokens", 12, "--test_prompts", 0]  # fmt: skip
+            "--num_minibatches", 1, "--max_new_tokens", 12, "--test_prompts", 0, "--eval_every", 0]  # fmt: skip
     run_script("PPO_training.py", *argv, "--reward_funcs", "model,short:words", "--reward_weights", "1,0.05", env=env)
     records = read_metrics(work / "ppo_rlhf_model" / "metrics.jsonl")
     for r in records:

@@ -57,6 +57,7 @@ def test_a_resumed_run_replaces_what_the_killed_run_logged_past_its_checkpoint(w
     def args(steps, seed, *resume):
         argv = ["--preset", "tiny", "--work_dir", str(work), "--rollout_batch_size", "4", "--num_minibatches", "2"]
         argv += ["--max_new_tokens", "12", "--test_prompts", "0", "--save_every", "2", "--report_to", "tensorboard"]
+        argv += ["--eval_every", "0"]
         return parse_args(ppo.Args, ppo.TINY, [*argv, "--total_steps", str(steps), "--seed", str(seed), *resume])
 
     run_dir = work / "runs" / "ppo"
