@@ -31,12 +31,14 @@ from accelerate.utils import gather_object
 from common import (
     generate_responses,
     get_reward,
+    load_causal_lm,
     load_oracle,
     load_reward_model,
+    save_pretrained_atomic,
     sequence_kl,
     unwrap,
 )
-from lifecycle import GOLD_REWARD_MODEL_DIR, SELECT_KEYS, check
+from lifecycle import GOLD_REWARD_MODEL_DIR, SELECT_KEYS, atomic_write_json, check
 
 JUDGES = ("proxy", "gold", "oracle")
 ALARM_JUDGES = ("gold", "oracle")  # the scores an over-optimised proxy betrays itself against
@@ -262,8 +264,6 @@ class Monitor:
 
     def best_policy(self, start, tokenizer):
         """The best checkpoint's policy, loaded into a fresh copy of the start model."""
-        from common import load_causal_lm
-
         policy = load_causal_lm(start, tokenizer)
         policy.load_state_dict(self.best.saved["state"])
         return policy
@@ -273,9 +273,6 @@ def save_best(monitor, folder, start, tokenizer, method, files, card):
     """NAME_best/: the best held-out checkpoint by --select_by, loaded into a copy of the `start` model, with
     best.json (its step and the score that picked it), eval_results.json (the held-out evaluation at that step), the
     run's `files` ({name: writer}: metrics, curves, args) and its model card (`card(results, title)`)."""
-    from common import save_pretrained_atomic
-    from lifecycle import atomic_write_json
-
     best = monitor.best
     record = next(r for r in monitor.history if r["step"] == best.saved["step"])
     results = {"split": "validation", "prompts": len(monitor.live.prompts), "step": best.saved["step"]}
