@@ -86,6 +86,7 @@ from common import (
     masked_whiten,
     response_logprobs,
     save_pretrained_atomic,
+    sequence_kl,
     set_seed,
     start_model,
     test_prompt_sample,
@@ -318,14 +319,7 @@ def evaluate(policy, ref_model, tokenizer, reward_model, rm_tokenizer, prompts, 
             policy, tokenizer, prompts[i : i + args.eval_batch_size], args.max_prompt_length, args.max_new_tokens,
             args.temperature, args.eval_top_p, compile=args.compile_generation,
         )  # fmt: skip
-        context_length = samples.query_ids.shape[1]
-        inputs = (samples.input_ids, samples.attention_mask, context_length, args.temperature)
-        logprobs, _, _ = response_logprobs(policy, *inputs)
-        ref_logprobs = logprobs  # base scored against itself: KL 0, without a second forward pass
-        if ref_model is not policy:
-            ref_logprobs, _, _ = response_logprobs(ref_model, *inputs)
-        kl = logprobs - ref_logprobs
-        kls.append((kl * samples.response_mask).sum(1))  # (b,)
+        kls.append(sequence_kl(policy, ref_model, samples, args.temperature))  # (b,)
         lengths.append(samples.response_mask.sum(1).float())
         scores.append(
             get_reward(reward_model, rm_tokenizer, samples.prompts, samples.responses, args.reward_max_length)

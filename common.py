@@ -817,7 +817,10 @@ def _kept_static_cache(model, rows, length):
 
 @torch.no_grad()
 def sequence_kl(policy, base, samples, temperature):
-    """Per-sample KL estimate: sum over reply tokens of log pi(a_t) - log pi_base(a_t): (B,)."""
+    """Per-sample KL estimate: sum over reply tokens of log pi(a_t) - log pi_base(a_t): (B,). A model scored against
+    itself has KL 0, without the forward passes."""
+    if base is policy:
+        return torch.zeros(len(samples.input_ids), device=samples.input_ids.device)
     inputs = (samples.input_ids, samples.attention_mask, samples.query_ids.shape[1], temperature)
     logprobs, _, _ = response_logprobs(policy, *inputs)  # (B, R)
     ref_logprobs, _, _ = response_logprobs(base, *inputs)  # (B, R)
@@ -995,6 +998,7 @@ class RewardMix:
         )
         check(len(set(names)) == len(names), f"--reward_funcs {args.reward_funcs}: a function named twice")
         self.weights, self.functions, self.penalty = dict(zip(names, weights)), {}, args.missing_eos_penalty
+        self.models = {}  # name: (model, tokenizer) of the reward models it holds ("model", "gold")
         for name in names:
             if name in ("model", "gold"):
                 model, tokenizer = (
@@ -1003,6 +1007,7 @@ class RewardMix:
                     else load_reward_model(args.work_dir, device, args, gold=name == "gold")
                 )
                 check_positions(model.config, args.reward_max_length, "--reward_max_length")
+                self.models[name] = model, tokenizer
                 self.functions[name] = partial(get_reward, model, tokenizer, max_length=args.reward_max_length)
             elif name == "oracle":
                 oracle = load_oracle(args.work_dir)

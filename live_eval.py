@@ -71,7 +71,8 @@ class LiveEval:
         check(len(self.prompts) >= world, f"--eval_prompts: {len(self.prompts)} prompts for {world} processes")
         self.proxy = proxy
         has_gold = (Path(args.work_dir) / GOLD_REWARD_MODEL_DIR / "config.json").is_file()
-        self.gold = load_reward_model(args.work_dir, device, args, gold=True) if has_gold else None
+        held = reward.models.get("gold") if reward else None  # --reward_funcs gold: the run's own, not a second copy
+        self.gold = held or (load_reward_model(args.work_dir, device, args, gold=True) if has_gold else None)
         self.oracle = load_oracle(args.work_dir)
         check(
             args.select_by != "gold" or self.gold is not None,

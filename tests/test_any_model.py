@@ -76,9 +76,10 @@ def test_every_stage_runs_on_another_architecture(tmp_path, architecture, capsys
     sft_few = ("--max_train_samples", 8, "--max_eval_samples", 4, "--per_device_train_batch_size", 4)
     stage(sft, work, model, *sft_few, "--eval_steps", 0)
     rollouts = ("--total_steps", 1, "--snapshot_every", 0, "--max_new_tokens", 8)
+    rollouts += ("--eval_prompts", 4)
     stage(ppo, work, model, *rollouts, "--rollout_batch_size", 4, "--num_minibatches", 1, "--test_prompts", 4)
     stage(grpo, work, model, *rollouts, "--rollout_batch_size", 2, "--group_size", 2, "--eval_prompts", 2)
-    stage(dpo, work, model, *sft_few, "--eval_steps", 0, "--snapshot_every", 0)
+    stage(dpo, work, model, *sft_few, "--eval_steps", 0, "--snapshot_every", 0, "--eval_prompts", 4)
     stage(evaluate_models, work, model, "--num_prompts", 4, "--max_new_tokens", 8, "--frontier", False, "--workers", 1)
     assert "Traceback" not in capsys.readouterr().err
 

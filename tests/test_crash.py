@@ -141,7 +141,7 @@ def test_grpo_killed_between_its_two_saves_is_caught_by_the_evaluation_and_finis
 
 @pytest.mark.slow
 def test_dpo_killed_after_its_last_checkpoint_finishes_on_resume(tiny_data_dir, tmp_path):
-    argv = ["--preset", "tiny", "--max_train_samples", 32, "--max_eval_samples", 8]
+    argv = ["--preset", "tiny", "--max_train_samples", 32, "--max_eval_samples", 8, "--eval_every", 0]
     argv += ["--per_device_train_batch_size", 4, "--max_steps", 4, "--save_every", 100, "--eval_steps", 2]
     straight = linked(tmp_path / "straight", tiny_data_dir, [PROCESSED_DIR])
     work = linked(tmp_path / "work", tiny_data_dir, [PROCESSED_DIR])
@@ -244,7 +244,7 @@ def test_save_steps_must_follow_a_log(tiny_data_dir, tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_or_sigterm_says_whether_there_is_a_checkpoint_to_resume(work, tmp_path):
     argv = ["--preset", "tiny", "--work_dir", work, "--total_steps", 50, "--save_every", 2, "--rollout_batch_size", 8]
-    argv += ["--num_minibatches", 2, "--max_new_tokens", 12]
+    argv += ["--num_minibatches", 2, "--max_new_tokens", 12, "--eval_every", 0]
     metrics, checkpoint = work / "runs" / "ppo" / "metrics.jsonl", work / "runs" / "ppo" / "checkpoint.pt"
     out = kill_when("PPO_training.py", *argv, moment=metrics.exists, log=tmp_path / "first", sig=signal.SIGINT)
     assert not checkpoint.exists()

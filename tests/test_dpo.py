@@ -224,7 +224,7 @@ def test_bad_settings_fail_with_one_line(tmp_path, argv, message):
 
 # --- training runs --------------------------------------------------------------------------
 
-SHORT = ("--max_train_samples", 32, "--max_eval_samples", 8, "--per_device_train_batch_size", 4)
+SHORT = ("--max_train_samples", 32, "--max_eval_samples", 8, "--per_device_train_batch_size", 4, "--eval_every", 0)
 
 
 def weights(model):

@@ -181,3 +181,29 @@ def test_a_run_the_alarm_stops_ends_there_saved_and_a_resume_says_it_is_finished
     out = capsys.readouterr().out
     assert "the run stopped at step 4 on the over-optimisation alarm (--stop_on_overoptimization): finished" in out
     assert max(r["step"] for r in read_metrics(work / "runs" / name / "metrics.jsonl")) == 4  # no step trained after
+
+
+@pytest.mark.parametrize("reward_funcs", ["model", "model,gold"])
+def test_the_gold_model_is_loaded_once_whether_or_not_the_run_trains_on_it(reward_funcs, work, monkeypatch):
+    """A run whose --reward_funcs include gold scores its held-out replies with that same gold model, not a second
+    copy; one without loads it for the held-out scores alone."""
+    from datasets import load_from_disk
+
+    import GRPO_training as grpo
+    from common import RewardMix, load_reward_model
+    from lifecycle import GOLD_REWARD_MODEL_DIR, PROCESSED_DIR, REWARD_MODEL_DIR, parse_args
+
+    (work / GOLD_REWARD_MODEL_DIR).symlink_to((work / REWARD_MODEL_DIR).resolve())  # any reward model will do
+    argv = ["--preset", "tiny", "--work_dir", str(work), "--reward_funcs", reward_funcs, "--eval_prompts", "4"]
+    args = parse_args(grpo.Args, grpo.TINY, argv)
+    proxy = load_reward_model(args.work_dir, "cpu", args)
+    reward = RewardMix(args, "cpu", proxy=proxy)
+    loads = []
+    monkeypatch.setattr(live_eval, "load_reward_model", lambda *a, **k: loads.append(k) or load_reward_model(*a, **k))
+    data = load_from_disk(str(work / PROCESSED_DIR))
+    live = live_eval.LiveEval(args, data, proxy[1], None, proxy, "cpu", reward)
+    assert live.judges() == "proxy, gold, oracle"
+    if "gold" in reward_funcs:
+        assert loads == [] and live.gold is reward.models["gold"]
+    else:
+        assert loads == [{"gold": True}] and "gold" not in reward.models

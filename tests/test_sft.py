@@ -175,9 +175,9 @@ def sft_work(tiny_reward_dir, tmp_path_factory):
 
 
 QUICK = {  # a step, and each script's output folder
-    PPO_training: (("--total_steps", 1, "--test_prompts", 4), lifecycle.PPO_DIR),
+    PPO_training: (("--total_steps", 1, "--test_prompts", 4, "--eval_prompts", 4), lifecycle.PPO_DIR),
     GRPO_training: (("--total_steps", 1, "--eval_prompts", 4), lifecycle.GRPO_FINAL_DIR),
-    DPO_training: (("--max_steps", 1, *SHORT), lifecycle.DPO_DIR),
+    DPO_training: (("--max_steps", 1, *SHORT, "--eval_prompts", 4), lifecycle.DPO_DIR),
 }
 
 

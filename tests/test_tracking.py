@@ -31,7 +31,7 @@ from lifecycle import (
 )
 
 COST_KEYS = ("time/elapsed_s", "tokens/processed", "mem/peak_mb")  # ours, beside Trainer's logs
-DPO_QUICK = ["--preset", "tiny", "--max_train_samples", 32, "--max_eval_samples", 8]
+DPO_QUICK = ["--preset", "tiny", "--max_train_samples", 32, "--max_eval_samples", 8, "--eval_every", 0]
 DPO_QUICK += ["--per_device_train_batch_size", 4, "--max_steps", 4, "--eval_steps", 2, "--logging_steps", 1]
 
 
