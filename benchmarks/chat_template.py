@@ -29,16 +29,16 @@ import common
 from evaluate_models import bootstrap_ci
 from lifecycle import GOLD_REWARD_MODEL_DIR, PROCESSED_DIR, UserError, atomic_write_json, check
 
-TURN = re.compile(r"\n\n(Human|Assistant):")
+TURN = re.compile(f"({re.escape(common.HUMAN)}|{re.escape(common.ASSISTANT)})")  # the turn markers, kept by split
 
 
 def chat_messages(prompt):
     """An hh prompt ("\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:") as chat messages, the final
     empty assistant turn left for the template's generation prompt: [{"role": "user", "content": "a"}, ...]."""
-    parts = TURN.split(prompt)  # [before the first turn, speaker, text, speaker, text, ...]
+    parts = TURN.split(prompt)  # [before the first turn, marker, text, marker, text, ...]
     messages = [
-        {"role": "user" if speaker == "Human" else "assistant", "content": text.strip()}
-        for speaker, text in zip(parts[1::2], parts[2::2])
+        {"role": "user" if marker == common.HUMAN else "assistant", "content": text.strip()}
+        for marker, text in zip(parts[1::2], parts[2::2])
     ]
     check(
         messages and messages[-1] == {"role": "assistant", "content": ""},
