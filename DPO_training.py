@@ -72,6 +72,7 @@ from common import (
     load_tokenizer,
     make_accelerator,
     pair_length,
+    release_cpu_memory,
     response_logprobs,
     save_pretrained_atomic,
     set_seed,
@@ -526,6 +527,7 @@ def main(args):
             tokens += batch["attention_mask"].sum() * (1 if ref_model is None else 2)  # a tensor, read at the log
             if not accelerator.sync_gradients:
                 continue
+            release_cpu_memory(accelerator.device)  # a CPU run's heap would grow step after step (common.py)
             # a NaN/inf on any process stops them all: one check per optimizer step (the GPU is waited for here
             # only), before anything of this step is logged, evaluated or saved
             losses = accelerator.gather(torch.cat([s["loss"] for s in window[-args.gradient_accumulation_steps :]]))

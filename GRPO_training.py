@@ -74,6 +74,7 @@ from common import (
     load_tokenizer,
     make_accelerator,
     masked_mean,
+    release_cpu_memory,
     response_logprobs,
     save_pretrained_atomic,
     set_seed,
@@ -410,6 +411,7 @@ def grpo_step(policy, reference, reward, tokenizer, optimizer, prompts, args, kl
         accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        release_cpu_memory(accelerator.device)  # a CPU run's heap would grow step after step (common.py)
         update_stats.append(stats)
     # a NaN/inf on any process stops them all, checked once per step, not per update (each check is a GPU-to-CPU
     # sync): the weights a bad update spoiled are never checkpointed, as the run stops before its save

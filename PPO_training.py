@@ -84,6 +84,7 @@ from common import (
     make_accelerator,
     masked_mean,
     masked_whiten,
+    release_cpu_memory,
     response_logprobs,
     save_pretrained_atomic,
     sequence_kl,
@@ -406,6 +407,7 @@ def ppo_step(model, ref_model, reward, tokenizer, optimizer, prompts, args, kl_c
             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            release_cpu_memory(accelerator.device)  # a CPU run's heap would grow step after step (common.py)
             for k, v in zip(stats, (pg_loss, vf_loss, clipfrac, vf_clipfrac, approx_kl, entropy_loss)):
                 stats[k].append(v.detach())
     # a NaN/inf on any process stops them all, checked once per step (a GPU-to-CPU sync per minibatch would stall

@@ -52,6 +52,7 @@ from common import (
     load_tokenizer,
     make_accelerator,
     pair_length,
+    release_cpu_memory,
     resolve_model_name,
     response_logprobs,
     save_pretrained_atomic,
@@ -282,6 +283,7 @@ def main(args):
             tokens += batch["attention_mask"].sum()  # a tensor, read at the log
             if not accelerator.sync_gradients:
                 continue
+            release_cpu_memory(accelerator.device)  # a CPU run's heap would grow step after step (common.py)
             # a NaN/inf on any process stops them all: one check per optimizer step, before anything is saved
             sums = accelerator.reduce(torch.stack(window[-args.gradient_accumulation_steps :]).sum(0), "sum")
             if not torch.isfinite(sums).all():

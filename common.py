@@ -17,6 +17,8 @@ The run's plumbing lives beside it: `lifecycle.py` (flags, presets, checkpoints,
 `reporting.py` (metrics log, plots, trackers, model cards).
 """
 
+import ctypes
+import functools
 import gzip
 import json
 import os
@@ -133,6 +135,27 @@ def freeze(model):
 def adamw(parameters, learning_rate, weight_decay, device):
     """The hand-written loops' AdamW, fused on a GPU: one kernel for every parameter, not one per tensor."""
     return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay, fused=device.type == "cuda")
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's `malloc_trim`, or None where the C library has none (macOS, musl, Windows)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_cpu_memory(device):
+    """After an optimizer step on a CPU, hand the C heap's free pages back to the system (glibc's `malloc_trim(0)`);
+    returns whether it did. Without it a CPU run's resident memory grows step after step at fixed batch sizes (the
+    freed activations' pages stay with the process): SmolLM2's reward model went 4.5 -> 8.1 GiB over 60 steps, and
+    6.6 GiB with the trim, for a few percent more time (docs/real_rehearsal.md). Nothing on a GPU or off glibc."""
+    trim = _malloc_trim() if torch.device(device).type == "cpu" else None
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 def load_optimizer_state(optimizer, state):

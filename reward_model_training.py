@@ -66,6 +66,7 @@ from common import (
     load_processed_data,
     load_tokenizer,
     precision,
+    release_cpu_memory,
     reward_scores,
     save_pretrained_atomic,
     set_seed,
@@ -311,6 +312,13 @@ class MetricsCallback(TrainerCallback, ExportableState):
             plot_metrics(self.metrics_logger.path, CURVES, self.png_path, title="reward model")
 
 
+class ReleaseCPUMemory(TrainerCallback):
+    """`common.release_cpu_memory` after every optimizer step: on a CPU the heap would grow step after step."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        release_cpu_memory(args.device)
+
+
 def checkpoints(run_dir):
     """Trainer's complete checkpoints (trainer_state.json is written last), newest first, each with what is
     damaged in it (None when every file reads)."""
@@ -471,7 +479,7 @@ def main(args):
         eval_dataset=data["validation"],
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
-        callbacks=[MetricsCallback(metrics_logger, png_path), *tracker_callbacks],
+        callbacks=[MetricsCallback(metrics_logger, png_path), ReleaseCPUMemory(), *tracker_callbacks],
         metrics_logger=metrics_logger,
     )
     trainer.remove_callback(ProgressCallback)  # its logs are printed as dicts of strings
