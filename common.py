@@ -7,7 +7,7 @@ across scripts, because copies that drift are how RLHF code breaks:
   `load_processed_data`;
 * tokenizer and model loading/saving (`load_tokenizer`, `load_causal_lm`, `load_reward_model`,
   `save_pretrained_atomic`);
-* seeding and device/precision (`set_seed`, `precision`, `make_accelerator`);
+* seeding, device/precision and CPU memory (`set_seed`, `precision`, `make_accelerator`, `release_cpu_memory`);
 * the forward pass under left padding (`forward`, `position_ids_from_mask`), masked log-probs, entropy,
   `masked_mean`/`masked_whiten`;
 * sampling with EOS masking (`generate_responses`) and reward scoring (`get_reward`), so PPO, GRPO and
@@ -149,8 +149,8 @@ def _malloc_trim():
 def release_cpu_memory(device):
     """After an optimizer step on a CPU, hand the C heap's free pages back to the system (glibc's `malloc_trim(0)`);
     returns whether it did. Without it a CPU run's resident memory grows step after step at fixed batch sizes (the
-    freed activations' pages stay with the process): SmolLM2's reward model went 4.5 -> 8.1 GiB over 60 steps, and
-    6.6 GiB with the trim, for a few percent more time (docs/real_rehearsal.md). Nothing on a GPU or off glibc."""
+    freed activations' blocks stay with the process): SmolLM2's reward model reached 8.1 GiB in 60 steps without it,
+    6.6 GiB with it, the same model (docs/real_rehearsal.md). Nothing on a GPU or off glibc."""
     trim = _malloc_trim() if torch.device(device).type == "cpu" else None
     if trim is None:
         return False
