@@ -1,7 +1,9 @@
 """`common.release_cpu_memory`: glibc's malloc_trim after every optimizer step of every training loop on a CPU (a
-CPU run's heap otherwise grows step after step), and nothing on a GPU or where the C library has no malloc_trim."""
+CPU run's heap otherwise grows step after step) once the process holds more than a GiB, and nothing on a GPU, in a
+small process or where the C library has no malloc_trim."""
 
 import ctypes
+import resource
 import sys
 
 import pytest
@@ -20,6 +22,7 @@ from lifecycle import parse_args
 def test_it_trims_on_a_cpu_and_nowhere_else(monkeypatch):
     calls = []
     monkeypatch.setattr(common, "_malloc_trim", lambda: lambda pad: calls.append(pad))
+    monkeypatch.setattr(common, "_resident_bytes", lambda: 3 * 2**30)
     assert common.release_cpu_memory("cpu") is True and common.release_cpu_memory(torch.device("cpu")) is True
     assert calls == [0, 0]  # malloc_trim(0): keep no free padding at the heap's top
     assert common.release_cpu_memory("meta") is False and common.release_cpu_memory("cuda:0") is False
@@ -28,11 +31,24 @@ def test_it_trims_on_a_cpu_and_nowhere_else(monkeypatch):
     assert common.release_cpu_memory("cpu") is False
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
-def test_the_real_malloc_trim_is_glibcs_and_runs():
+def test_a_process_under_a_gib_is_not_trimmed(monkeypatch):
+    """The tiny runs' processes (0.6 GB): a trim there hands back little and makes every step fault its pages in."""
+    calls = []
+    monkeypatch.setattr(common, "_malloc_trim", lambda: lambda pad: calls.append(pad))
+    for resident, trimmed in ((2**30 - 4096, False), (2**30, True), (5 * 2**30, True), (None, True)):  # None: no /proc
+        monkeypatch.setattr(common, "_resident_bytes", lambda resident=resident: resident)
+        assert common.release_cpu_memory("cpu") is trimmed, resident
+    assert calls == [0, 0, 0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim, Linux's /proc")
+def test_the_real_malloc_trim_and_resident_size(monkeypatch):
     trim = common._malloc_trim()
     assert trim is not None and trim.__name__ == "malloc_trim"
     assert ctypes.CDLL(None).malloc_trim(0) in (0, 1)  # 1: memory was released, 0: there was none to release
+    # the resident size now: more than torch's libraries take, at most the process's peak (getrusage, in KiB)
+    assert 100 * 2**20 < common._resident_bytes() <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    monkeypatch.setattr(common, "TRIM_ABOVE_BYTES", 0)
     assert common.release_cpu_memory("cpu") is True
 
 
@@ -44,6 +60,7 @@ def stage(script, work, *argv):
 def test_every_training_loop_trims_once_per_optimizer_step(tmp_path, tiny_data_dir, monkeypatch):
     calls = []
     monkeypatch.setattr(common, "_malloc_trim", lambda: lambda pad: calls.append(pad))
+    monkeypatch.setattr(common, "TRIM_ABOVE_BYTES", 0)  # the tiny model's processes are too small to be trimmed
     work = tmp_path / "work"
     work.mkdir()
     (work / lifecycle.PROCESSED_DIR).symlink_to(tiny_data_dir / lifecycle.PROCESSED_DIR)
