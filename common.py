@@ -155,13 +155,13 @@ def _resident_bytes():
 
 
 # Below this resident size a trim hands back little and costs much: the freed pages are faulted in again at the
-# next step (the tiny reward model, 0.6 GB, ran 20% slower trimmed at every step).
+# next step (the tiny reward model, 0.6 GB, ran 18% slower trimmed at every step).
 TRIM_ABOVE_BYTES = 2**30
 
 
 def release_cpu_memory(device):
     """After an optimizer step on a CPU, hand the C heap's free pages back to the system (glibc's `malloc_trim(0)`)
-    when the process holds more than `TRIM_ABOVE_BYTES`; returns whether it did. Without it a CPU run's resident
+    when the process holds at least `TRIM_ABOVE_BYTES`; returns whether it did. Without it a CPU run's resident
     memory grows step after step at fixed batch sizes (the freed activations' blocks stay with the process):
     SmolLM2's reward model reached 8.1 GiB in 60 steps without it, 6.6 GiB with it, the same model
     (docs/real_rehearsal.md). Nothing on a GPU or off glibc."""
