@@ -802,7 +802,7 @@ def main(args):
     # save: the table and summary, the raw text, the plots
     summary = summarize(results, costs, args, oracle.LABELS if oracle else None, starts)
     picked = {name: selected_by(folder) for name, folder in policies.items()}
-    summary["selected_by"] = summary.model.map(picked).fillna("")  # which held-out score chose the checkpoint
+    summary["selected_by"] = [picked.get(name) or "" for name in summary.model]  # which held-out score chose it
     for name in (name for name, by in picked.items() if by == "gold"):
         print(
             f"{name}: its checkpoint was picked by the gold reward model (--select_by gold): its gold figures are "
