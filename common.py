@@ -166,8 +166,10 @@ def release_cpu_memory(device):
     SmolLM2's reward model reached 8.1 GiB in 60 steps without it, 6.6 GiB with it, the same model
     (docs/real_rehearsal.md). Nothing on a GPU or off glibc."""
     trim = _malloc_trim() if torch.device(device).type == "cpu" else None
-    resident = _resident_bytes() if trim is not None else None
-    if trim is None or (resident is not None and resident < TRIM_ABOVE_BYTES):
+    if trim is None:
+        return False
+    resident = _resident_bytes()
+    if resident is not None and resident < TRIM_ABOVE_BYTES:  # None: no /proc to ask, so trim
         return False
     trim(0)
     return True
